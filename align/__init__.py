@@ -1,0 +1,1 @@
+"""genalign training: configs, data, advantages, losses, one file per algorithm, the `align` CLI."""

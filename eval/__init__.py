@@ -1,0 +1,1 @@
+"""Benchmarks and reports: ShapesWorld, GenEval-style, DenseAlignBench-style, hacking monitors."""

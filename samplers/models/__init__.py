@@ -1,0 +1,37 @@
+"""Flow model adapters: one thin file per model family.
+
+`load_model(spec)` is the one entry point: "shapesworld" (the built-in toy), a local
+diffusers-layout folder, or a hub id. The family is read from `model_index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .sd3 import SD3Adapter, SD3Cond
+
+FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter}
+
+
+def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
+    """Loads a flow model adapter from "shapesworld", a local folder or a hub id."""
+    if str(spec) == "shapesworld":
+        from .shapesworld import load_shapesworld
+
+        return load_shapesworld(device=device)
+    root = Path(spec)
+    if root.is_dir():
+        index = root / "model_index.json"
+        if index.is_file():
+            name = json.loads(index.read_text()).get("_class_name", "")
+            if name not in FAMILIES:
+                raise ValueError(f"{root}: unsupported pipeline class {name!r}; supported: {sorted(FAMILIES)}")
+            return FAMILIES[name].from_pretrained(root, device=device, **kwargs)
+        if (root / "transformer").is_dir():  # saved by genalign without model_index.json
+            return SD3Adapter.from_pretrained(root, device=device, **kwargs)
+        raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
+    return SD3Adapter.from_pretrained(str(spec), device=device, **kwargs)
+
+
+__all__ = ["SD3Adapter", "SD3Cond", "load_model", "FAMILIES"]
