@@ -349,6 +349,19 @@ def test_discrete_chains_converge_to_the_true_marginal(shift, step, params):
     assert abs(fine[1] / std**2 - 1) < abs(coarse[1] / std**2 - 1)
 
 
+def test_cps_chain_under_disperses_even_with_many_steps():
+    # Documents a property of CPS, not a bug of ours: its per-step noise sigma_next sin(a pi / 2)
+    # does not shrink with the step size, and re-noising x0_hat = E[x0 | x] (not x0) each step
+    # loses variance that is never re-injected. The exact chain variance stays ~28% low at 1000
+    # steps (a = 0.7), whereas ODE / Flow-GRPO / DanceGRPO converge (test above).
+    model = GaussianFlow(0.5, 0.8)
+    for steps in (10, 1000):
+        _, var = _exact_chain_moments(model, flow_sigmas(steps, 3.0), "cps", {"noise_level": 0.7})
+        assert var / 0.8**2 < 0.8
+    _, var = _exact_chain_moments(model, flow_sigmas(1000, 3.0), "cps", {"noise_level": 0.0})  # = Euler
+    assert abs(var / 0.8**2 - 1) < 0.01
+
+
 # ----------------------------------------------------------------------------- 5. guided
 
 

@@ -235,15 +235,25 @@ class SD3Adapter(torch.nn.Module):
         `StableDiffusion3Pipeline.load_lora_weights` reads."""
         from diffusers import StableDiffusion3Pipeline
 
-        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict())
+        # the adapter metadata (rank, alpha, targets) travels in the file so the scale is right
+        metadata = self.transformer.peft_config["default"].to_dict()
+        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict(),
+                                                   transformer_lora_adapter_metadata=metadata)
         return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
-        """Loads a LoRA saved by `save_lora` (or any diffusers SD3 LoRA) into the transformer."""
+        """Loads a LoRA saved by `save_lora` (or any diffusers SD3 LoRA: a folder or a
+        .safetensors file) into the transformer, with the rank/alpha stored in its metadata."""
+        from diffusers import StableDiffusion3Pipeline
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"LoRA weights not found: {path}")
-        self.transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=adapter_name)
+        folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+        state_dict, metadata = StableDiffusion3Pipeline.lora_state_dict(
+            str(folder), weight_name=weight_name, return_lora_metadata=True)
+        self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name,
+                                           metadata=metadata)
 
     # ------------------------------------------------------------------ loading
     @classmethod
