@@ -1,0 +1,7 @@
+"""Imports every module that registers a config with `align.config.register_config`.
+
+`align.config.config_class_for` imports this module on first use, so a YAML's `algorithm:`
+key can name any config registered here. Add each new algorithm module below.
+"""
+
+from . import sample  # noqa: F401  (registers "sample")

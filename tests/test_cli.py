@@ -1,0 +1,105 @@
+"""The `align` command line: sampling, scoring and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from align.cli import main
+from eval.shapes import prompts, render, scene_for_prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from samplers.models.shapesworld import toy_components
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    toy_components("test", seed=0).save_pretrained(path)
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    assert err[0].startswith("align: error: ")
+    return err[0]
+
+
+def test_sample_folder_and_grid(tiny_model_dir, tmp_path):
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompt", "a photo of a red circle",
+                 "--prompt", "a photo of two squares", "--num", "3", "--seed", "5", "--out", str(out),
+                 "num_steps=2"]) == 0
+    lines = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [l["file"] for l in lines] == ["00000.png", "00001.png", "00002.png"]
+    assert [l["seed"] for l in lines] == [5, 6, 7]
+    assert [l["prompt"] for l in lines] == ["a photo of a red circle", "a photo of two squares",
+                                           "a photo of a red circle"]
+    assert Image.open(out / "00000.png").size == (16, 16)
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tiny_model_dir), "--num", "2", "--prompt", "a photo of a circle",
+                 "--out", str(grid), "num_steps=2"]) == 0
+    assert Image.open(grid).size[0] > 32
+
+
+def _write_ground_truth_folder(folder, n=12):
+    folder.mkdir()
+    metas = prompts("test")[:n]
+    lines = []
+    for i, meta in enumerate(metas):
+        Image.fromarray(render(scene_for_prompt(meta, i))).save(folder / f"{i:05d}.png")
+        lines.append(json.dumps({"file": f"{i:05d}.png", "prompt": meta["prompt"], "seed": i}))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_score_ground_truth_folder(tmp_path, capsys):
+    folder = tmp_path / "gt"
+    _write_ground_truth_folder(folder)
+    assert main(["score", str(folder), "--out", str(tmp_path / "s.jsonl")]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["strict"] for r in rows)
+    assert "overall" in capsys.readouterr().out
+    assert main(["score", str(folder)]) == 0
+    assert (folder / "scores.csv").read_text().startswith("file,prompt,tag,strict,partial")
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, tiny_model_dir):
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert "not found" in _error_line(capsys)
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("algorithm: sample\nnum_steps: [1,\n")
+    assert main(["sample", str(bad_yaml), "--out", str(tmp_path / "a.png")]) == 2
+    assert "bad.yaml" in _error_line(capsys)
+
+    assert main(["sample", "num_stepz=3", "--out", str(tmp_path / "a.png")]) == 2
+    assert "num_stepz" in _error_line(capsys)
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["sample", "--model", str(tiny_model_dir), "--prompts", str(empty), "--out", str(tmp_path / "a.png")]) == 2
+    assert "no prompts" in _error_line(capsys)
+
+    folder = tmp_path / "gt"
+    _write_ground_truth_folder(folder, n=3)
+    Image.new("RGB", (32, 32)).save(folder / "00001.png")
+    assert main(["score", str(folder)]) == 2
+    assert "00001.png" in (line := _error_line(capsys)) and "32x32" in line
+
+    (folder / "00001.png").write_bytes(b"not a png")
+    assert main(["score", str(folder)]) == 2
+    assert "00001.png" in (line := _error_line(capsys)) and "not a readable image" in line
+
+    (folder / "samples.jsonl").write_text('{"file": "00000.png", "prompt": "a photo of a circle"}\n{oops\n')
+    assert main(["score", str(folder)]) == 2
+    assert "samples.jsonl:2" in _error_line(capsys)
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "align", "sample", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--num" in result.stdout
