@@ -49,11 +49,15 @@ def _progress(total: int, description: str):
 
 # ------------------------------------------------------------------------------ sample
 def _add_sample(sub) -> None:
+    from .config import describe_config
+    from .sample import SampleConfig
+
     p = sub.add_parser("sample", help="generate images (built-in ShapesWorld model by default)",
                        description="Generate images from a flow model. With no prompts and the ShapesWorld "
                                    "model, prompts cycle through a ShapesWorld split. --num is the total number "
                                    "of images; prompts are used in turn.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EXAMPLES + "\nconfig keys (YAML or key=value):\n" + describe_config(SampleConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="sampling YAML (see configs/shapes/sample.yaml); optional")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. num_steps=20 guidance=3")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

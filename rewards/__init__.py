@@ -1,0 +1,42 @@
+"""Scoring: one reward signature, a registry, compositions and every reward model.
+
+    from rewards import build_reward
+    reward = build_reward("shapes_geneval")            # or a dict / "pkg.module:attr"
+    out = reward(samples, prompts)                     # samples [B, 3, H, W] in [0, 1]
+    out.scores, out.extras, out.nan_count              # scores [B] float32, NaN = not scored
+
+Importing ``rewards`` registers every built-in reward (a module defining rewards must be
+imported here for its names to be buildable).
+"""
+
+from rewards.base import (
+    FunctionReward,
+    Reward,
+    RewardOutput,
+    as_scores,
+    build_reward,
+    build_weighted_reward,
+    register_reward,
+    registered_rewards,
+)
+from rewards.compose import BaseAndBonus, Ensemble, WeightedSum, zscore
+from rewards.shapes import SaturationReward, ShapesGenEvalReward, lookup_shapes_metadata, to_uint8_images
+
+__all__ = [
+    "BaseAndBonus",
+    "Ensemble",
+    "FunctionReward",
+    "Reward",
+    "RewardOutput",
+    "SaturationReward",
+    "ShapesGenEvalReward",
+    "WeightedSum",
+    "as_scores",
+    "build_reward",
+    "build_weighted_reward",
+    "lookup_shapes_metadata",
+    "register_reward",
+    "registered_rewards",
+    "to_uint8_images",
+    "zscore",
+]
