@@ -19,7 +19,7 @@ from .config import ConfigError
 EXAMPLES = """examples:
   align sample --out grid.png                        # 16 held-out ShapesWorld prompts, one grid
   align sample --prompt "a photo of a red circle" --num 8 --out red.png
-  align sample --split test --num 288 --out runs/base && align score runs/base
+  align sample --split test --per-tag 64 --out runs/base && align score runs/base
   align sample configs/shapes/sample.yaml sampler=flow_grpo_sde num_steps=20 --out sde.png
 """
 
@@ -64,6 +64,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--prompts", type=Path, help=".txt (one per line) or .jsonl (GenEval metadata / captions)")
     p.add_argument("--split", choices=["train", "test"], default="test",
                    help="ShapesWorld split used when no prompts are given (default: test)")
+    p.add_argument("--per-tag", type=int, help="ShapesWorld only: this many images per GenEval category "
+                   "(balanced evaluation; --num is then ignored)")
     p.add_argument("--num", type=int, help="total images (default: one per prompt, 16 without prompts)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default 0)")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
@@ -88,10 +90,15 @@ def _run_sample(args) -> None:
     if args.prompts:
         items += read_prompt_file(args.prompts)
     if not items:
-        if cfg.model != "shapesworld":
-            raise CLIError("no prompts: pass --prompt TEXT or --prompts FILE")
-        items = shapesworld_prompts(args.split)
-    num = args.num if args.num is not None else (16 if not (args.prompt or args.prompts) else len(items))
+        if cfg.model != "shapesworld" and args.per_tag is None:
+            raise CLIError("no prompts: pass --prompt TEXT, --prompts FILE or --per-tag N (ShapesWorld prompts)")
+        items = shapesworld_prompts(args.split, args.per_tag)
+    elif args.per_tag is not None:
+        raise CLIError("--per-tag samples ShapesWorld categories; it cannot be combined with --prompt/--prompts")
+    if args.per_tag is not None:
+        num = len(items)
+    else:
+        num = args.num if args.num is not None else (16 if not (args.prompt or args.prompts) else len(items))
     with _progress(num, "sampling") as advance:
         out = sample_to(cfg, items, num, args.seed, args.out, progress=advance)
     print(f"wrote {num} samples to {out}")

@@ -89,10 +89,18 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     return items
 
 
-def shapesworld_prompts(split: str) -> list[dict]:
-    from eval.shapes import prompts
+def shapesworld_prompts(split: str, per_tag: int | None = None) -> list[dict]:
+    """ShapesWorld prompts of `split` with their metadata; with `per_tag`, exactly that many items
+    per category (prompts cycled within the category), so every category is measured alike."""
+    from eval.shapes import TAGS, prompts
 
-    return [{"prompt": m["prompt"], "meta": m} for m in prompts(split)]
+    metas = prompts(split)
+    if per_tag is not None:
+        if per_tag < 1:
+            raise ValueError(f"--per-tag must be >= 1, got {per_tag}")
+        by_tag = {tag: [m for m in metas if m["tag"] == tag] for tag in TAGS}
+        metas = [by_tag[tag][i % len(by_tag[tag])] for tag in TAGS for i in range(per_tag)]
+    return [{"prompt": m["prompt"], "meta": m} for m in metas]
 
 
 def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Path, progress=None) -> Path:

@@ -129,9 +129,15 @@ def write_results(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def _strict_cell(p: float, n: int) -> str:
+    """Accuracy with its binomial standard error."""
+    return f"{p:.3f} ± {np.sqrt(p * (1 - p) / max(n, 1)):.3f}"
+
+
 def summary_table(summary: dict) -> list[tuple[str, str, str, str]]:
-    """Rows (category, n, strict, partial) for printing, overall last."""
-    rows = [(tag, str(v["n"]), f"{v['strict']:.3f}", f"{v['partial']:.3f}") for tag, v in summary["per_tag"].items()]
+    """Rows (category, n, strict ± standard error, partial) for printing, overall last."""
+    rows = [(tag, str(v["n"]), _strict_cell(v["strict"], v["n"]), f"{v['partial']:.3f}")
+            for tag, v in summary["per_tag"].items()]
     rows.append(("overall (mean of categories)", str(summary["n"]), f"{summary['overall']:.3f}",
                  f"{summary['overall_partial']:.3f}"))
     if summary.get("color_correct") is not None:

@@ -47,6 +47,14 @@ def test_sample_folder_and_grid(tiny_model_dir, tmp_path):
     assert Image.open(grid).size[0] > 32
 
 
+def test_sample_per_tag_is_balanced(tiny_model_dir, tmp_path):
+    out = tmp_path / "balanced"
+    assert main(["sample", "--model", str(tiny_model_dir), "--per-tag", "2", "--out", str(out), "num_steps=1"]) == 0
+    tags = [json.loads(l)["meta"]["tag"] for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(set(tags)) == sorted(["single_object", "two_object", "counting", "colors", "position", "color_attr"])
+    assert all(tags.count(t) == 2 for t in set(tags))
+
+
 def _write_ground_truth_folder(folder, n=12):
     folder.mkdir()
     metas = prompts("test")[:n]
