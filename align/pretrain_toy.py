@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -118,8 +119,8 @@ def train_flow(model, latents, prompts, steps, batch, lr, warmup, caption_dropou
         m.eval().requires_grad_(False)
 
 
-def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 2000, vae_batch: int = 32, vae_lr: float = 2e-3,
-                 kl_weight: float = 1e-4, dataset_size: int = 40000, steps: int = 10000, batch: int = 64,
+def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 1200, vae_batch: int = 32, vae_lr: float = 2e-3,
+                 kl_weight: float = 1e-4, dataset_size: int = 40000, steps: int = 7000, batch: int = 64,
                  lr: float = 1e-3, warmup: int = 300, caption_dropout: float = 0.1, threads: int = 2,
                  snapshot_every: int = 0) -> Path:
     """Trains the toy model and saves it to `out`. Returns `out`."""
@@ -127,12 +128,16 @@ def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 2000, vae_batch: int
 
     torch.set_num_threads(threads)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written to a sibling work folder and swapped in at the end, so a killed run
+    # never leaves a half-written model where a good one was (e.g. the shipped weights).
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     model = toy_components("shapesworld", seed=seed)
     start = time.time()
-    log_file = open(out / "pretrain_log.csv", "w", newline="")
+    log_file = open(work / "pretrain_log.csv", "w", newline="")
     writer = csv.writer(log_file)
     writer.writerow(["phase", "step", "elapsed_s", "metric", "value"])
 
@@ -152,15 +157,26 @@ def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 2000, vae_batch: int
     log("data", 0, latent_mean=mean, latent_std=std, images=dataset_size)
 
     def snapshot(step):
-        model.save_pretrained(out / "snapshots" / f"step{step:06d}")
+        model.save_pretrained(work / "snapshots" / f"step{step:06d}")
 
     train_flow(model, latents, prompts, steps, batch, lr, warmup, caption_dropout, gen, log,
                snapshot=(snapshot_every, snapshot) if snapshot_every else None)
-    model.save_pretrained(out, settings={"pretrain": dict(seed=seed, vae_steps=vae_steps, steps=steps, batch=batch,
+    model.save_pretrained(work, settings={"pretrain": dict(seed=seed, vae_steps=vae_steps, steps=steps, batch=batch,
                                                            lr=lr, dataset_size=dataset_size)})
     log("done", steps, minutes=(time.time() - start) / 60)
     log_file.close()
+    _replace_dir(work, out)
     return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Moves folder `src` to `dst`, replacing any existing `dst` (old copy removed last)."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,8 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=SHAPESWORLD_DIR,
                         help="output folder (default: the package's shipped weights folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=10000, help="transformer training steps (batch 64)")
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=7000, help="transformer training steps (batch 64)")
     parser.add_argument("--dataset-size", type=int, default=40000, help="pre-rendered training images")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)

@@ -114,3 +114,19 @@ def test_lora_saves_in_the_format_diffusers_loads(tiny_sd3, tmp_path):
     fresh.load_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(fresh.velocity(x, 0.5, cond), v_lora, atol=1e-5, rtol=1e-5)
+
+
+def test_load_model_reads_a_diffusers_pipeline_folder(tiny_sd3, tmp_path):
+    """A folder written by diffusers itself (model_index.json, tokenizers, no genalign.json) loads
+    through `load_model` and samples exactly what the pipeline samples (T5 slot: 256 zero tokens)."""
+    pipe = _pipeline(tiny_sd3)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    model = load_model(tmp_path / "pipe")
+    assert model.max_sequence_length == 256 and model.text_encoder_3 is None
+    expected = pipe("a photo of a green square", num_inference_steps=3, guidance_scale=4.5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+    noise = torch.randn((1, *model.latent_shape()), generator=torch.Generator().manual_seed(0))
+    cond = model.encode_prompt(["a photo of a green square"])
+    traj = rollout(model, cond, flow_sigmas(3, shift=3.0), step_types="ode", guidance=4.5, initial_noise=noise)
+    torch.testing.assert_close(model.decode(traj.final), expected, atol=1e-5, rtol=1e-5)
