@@ -3,6 +3,7 @@
     align sample [CONFIG] [--prompt TEXT ...] [--num N] [--out PATH] [key=value ...]
     align score FOLDER [--out results.csv]
     align pretrain-toy [--out DIR]
+    align train CONFIG [key=value ...] [--resume]
 
 Bad input (missing files, malformed YAML or JSONL, wrong image sizes, empty prompt lists)
 ends with a one-line `align: error: ...` and exit code 2, not a traceback.
@@ -152,6 +153,51 @@ def _run_pretrain(args) -> None:
     main(args)
 
 
+# ------------------------------------------------------------------------------ train
+# algorithm name (the YAML's `algorithm:` key) -> module with `train(cfg)`; one row per trainer
+TRAINERS = {"flow_grpo": "align.flow_grpo"}
+
+TRAIN_EXAMPLES = """examples:
+  align train configs/shapes/flow_grpo.yaml
+  align train configs/shapes/flow_grpo.yaml variant=fast num_epochs=20 output_dir=runs/fast
+  align train configs/shapes/flow_grpo.yaml --resume        # continue from the newest checkpoint
+  accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+      --dynamo_backend no -m align train configs/shapes/flow_grpo.yaml
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train with an RL / alignment algorithm (dispatches on the YAML's algorithm)",
+                       description="Train with the algorithm named by the config's `algorithm:` key "
+                                   f"({', '.join(sorted(TRAINERS))}). key=value overrides any config field; "
+                                   "`align train CONFIG --help-config` lists them.",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML, e.g. configs/shapes/flow_grpo.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. num_epochs=5 optimizer.lr=1e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--help-config", action="store_true", help="list the algorithm's config keys and exit")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> None:
+    import importlib
+
+    from .config import config_class_for, describe_config, load_any_config
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise CLIError(f"expected key=value overrides, got {bad[0]!r}")
+    name, cfg = load_any_config(args.config, overrides)
+    if name not in TRAINERS:
+        raise CLIError(f"{args.config}: algorithm {name!r} is not a training algorithm; "
+                       f"trainers: {', '.join(sorted(TRAINERS))}")
+    if args.help_config:
+        print(describe_config(config_class_for(name)))
+        return
+    importlib.import_module(TRAINERS[name]).train(cfg)
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="genalign: align text-to-image/video flow models "
@@ -160,12 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_score(sub)
     _add_pretrain(sub)
+    _add_train(sub)
     return parser
+
+
+def _quiet_library_progress() -> None:
+    """Library progress bars (weight loading) would interleave with ours."""
+    try:
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_progress()
     try:
         args.func(args)
     except (CLIError, ConfigError, FileNotFoundError, ValueError) as err:

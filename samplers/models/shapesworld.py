@@ -25,6 +25,8 @@ import torch
 from .sd3 import SD3Adapter
 
 SHAPESWORLD_DIR = Path(__file__).parent / "weights" / "shapesworld"
+# weights_checksum() of the shipped weights (`align pretrain-toy`, seed 0, default settings).
+SHIPPED_SHA256 = "40d7eba96f7a9f47e98084264d1a299ea82617b62c9fd040968abaef0579b558"
 TOKENIZER_MAX_LENGTH = 16
 # Sampler defaults of the shipped checkpoint (Flow-GRPO's training setting: 10 steps, CFG on).
 DEFAULTS = {"num_steps": 10, "guidance": 4.5, "shift": 3.0}
