@@ -5,3 +5,4 @@ key can name any config registered here. Add each new algorithm module below.
 """
 
 from . import sample  # noqa: F401  (registers "sample")
+from . import flow_grpo  # noqa: F401  (registers "flow_grpo")

@@ -66,9 +66,16 @@ def bench_sampling(model_spec: str = "shapesworld", batch: int = 64, repeats: in
         rollout(model, cond, sigmas, step_types="flow_grpo_sde", guidance=g, initial_noise=noise,
                 generator=torch.Generator().manual_seed(0))
 
-    t_direct = _timed(direct, repeats)
-    t_ode = _timed(ode, repeats)
-    t_sde = _timed(sde, repeats)
+    # interleaved repeats: slow drifts of the machine hit all three alike
+    runs = {"direct": [], "ode": [], "sde": []}
+    for fn in (direct, ode, sde):
+        fn()
+    for _ in range(repeats):
+        for name, fn in (("direct", direct), ("ode", ode), ("sde", sde)):
+            start = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - start)
+    t_direct, t_ode, t_sde = (statistics.median(runs[k]) for k in ("direct", "ode", "sde"))
     t_decode = _timed(lambda: model.decode(noise), repeats)
     return {
         "batch": batch, "num_steps": d["num_steps"], "guidance": g, "threads": threads,

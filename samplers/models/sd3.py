@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,13 +39,22 @@ class SD3Cond:
     pooled: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
+    # [negative; positive] tensors for CFG, built once on first use (not copied by index/to/cat)
+    _cfg_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def cfg_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [2B, L, D], pooled [2B, P]): unconditional rows first, as diffusers orders them."""
+        if self._cfg_cache is None:
+            self._cfg_cache = (torch.cat([self.negative_prompt_embeds, self.prompt_embeds]),
+                               torch.cat([self.negative_pooled, self.pooled]))
+        return self._cfg_cache
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def _map(self, fn) -> "SD3Cond":
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
-                                for f in fields(self)})
+                                for f in fields(self) if f.init})
 
     def index(self, idx) -> "SD3Cond":
         """Rows `idx` (slice, index tensor or list) of every tensor."""
@@ -63,7 +72,7 @@ class SD3Cond:
         first = conds[0]
         return replace(first, **{
             f.name: (None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in conds]))
-            for f in fields(first)})
+            for f in fields(first) if f.init})
 
 
 class SD3Adapter(torch.nn.Module):
@@ -182,9 +191,8 @@ class SD3Adapter(torch.nn.Module):
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         if guidance == 1.0 or cond.negative_prompt_embeds is None:
             return self._transformer(latents, sigma, cond.prompt_embeds, cond.pooled)
-        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
-                              torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
-                              torch.cat([cond.negative_pooled, cond.pooled]))
+        embeds, pooled = cond.cfg_pair()
+        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), embeds, pooled)
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 

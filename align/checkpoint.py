@@ -1,0 +1,158 @@
+"""Atomic checkpoints of a training run: weights, optimizer, EMA, RNG states, counters.
+
+Layout (one folder per saved epoch, epoch = the last completed epoch, 0-based):
+
+    OUTPUT_DIR/checkpoints/epoch_000004/
+        weights.safetensors   trainable parameters by name (LoRA or the whole transformer)
+        state.pt              optimizer, EMA, RNG states of every rank, anything else (torch.save)
+        trainer_state.json    {"epoch", "global_step", ...} for humans and `latest_checkpoint`
+        ...                   whatever the `export` callback writes (e.g. a diffusers LoRA)
+
+A checkpoint is written into a hidden temporary folder beside its final place and renamed
+into place with `os.replace`, so a crash mid-write never leaves a half checkpoint under a
+valid name; `latest_checkpoint` ignores hidden folders. `state.pt` holds only tensors and
+plain Python values and is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHECKPOINTS",
+    "checkpoint_dir",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "rng_state",
+    "set_rng_state",
+]
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^epoch_(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | Path, epoch: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"epoch_{epoch:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (epoch, path), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under OUTPUT_DIR/checkpoints, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output_dir: str | Path, epoch: int, weights: dict[str, Tensor], state: dict[str, Any],
+                    info: dict[str, Any] | None = None, export: Callable[[Path], None] | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Atomically write the checkpoint of `epoch` and return its folder.
+
+    weights: name -> tensor (saved as safetensors, contiguous CPU copies); state: picklable-free
+    nested dicts/lists of tensors and plain values (optimizer.state_dict(), EMA, rng_state()...);
+    info: small JSON-able values (epoch and global_step belong here) for trainer_state.json;
+    export(tmp_folder): optional extra files; keep_last: delete all but the newest N checkpoints.
+    An existing checkpoint of the same epoch is replaced.
+    """
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(output_dir, epoch)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        if export is not None:
+            export(tmp)
+        meta = {"epoch": epoch, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # same epoch saved before (e.g. at exit): move it aside, then swap in
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None and keep_last > 0:
+        for _, path in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, state, info) of a checkpoint folder written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"not a checkpoint folder (no trainer_state.json): {path}")
+    weights = load_file(str(path / "weights.safetensors"))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    info = json.loads((path / "trainer_state.json").read_text())
+    return weights, state, info
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values (weights_only-safe)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

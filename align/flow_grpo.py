@@ -1,0 +1,786 @@
+"""Flow-GRPO (Liu et al. 2025) with its Fast and DanceGRPO variants: online RL for flow models.
+
+    align train configs/shapes/flow_grpo.yaml [key=value ...] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no -m align train configs/shapes/flow_grpo.yaml     # 2 ranks (CPU: gloo)
+
+One epoch (docs/ALGORITHMS.md sections 1-2; the data path of ARCHITECTURE.md):
+  prompts (K repeats each, this rank's share) -> encode -> SDE rollout under no_grad -> decode
+  -> reward -> gather rewards + global group ids -> group advantages -> drop all-zero groups
+  -> `updates_per_epoch` optimizer steps, each accumulating over micro-batches x trained steps:
+     re-score the stored transition under the current weights, clipped ratio loss + beta KL to
+     the reference (LoRA disabled / frozen copy) -> clip grads -> step -> EMA
+  -> log -> checkpoint.
+
+Variants (`variant`):
+  flow_grpo  SDE (noise level a) on every step; train the first int(T * timestep_fraction).
+  fast       Flow-GRPO-Fast: SDE on a random window of `window_size` steps in the first half,
+             ODE elsewhere; train only the window.
+  dance      DanceGRPO: constant-eta SDE on every step, initial noise shared by each group,
+             per-group std advantages, no KL, a random `step_fraction` of the steps trained.
+Fields left null take the variant's paper default (`resolve_variant_defaults`).
+
+Everything random in an epoch (prompts, noise, SDE window, trained steps, sample order) is
+seeded from (seed, epoch), so a resumed run replays exactly the epochs an uninterrupted run
+would have, and P ranks process the same global batch as one rank would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from samplers.rollout import Trajectory, random_window, rescore_step, rollout, window_step_types
+from samplers.schedules import flow_sigmas
+
+from .advantages import gather_for_advantages, group_advantages, nonzero_group_mask
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import doc, register_config, save_config
+from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
+from .ema import EMA
+from .losses import clipped_policy_loss, flow_grpo_kl
+from .metrics import MetricsLogger, TrainingProgress
+
+__all__ = [
+    "FlowGRPOConfig",
+    "LoraSettings",
+    "GRPOSamplerConfig",
+    "OptimizerConfig",
+    "EMAConfig",
+    "train",
+    "resolve_variant_defaults",
+    "resolve_mixed_precision",
+    "resolve_attention_backend",
+    "epoch_step_schedule",
+    "plan_updates",
+    "recompute_old_log_probs",
+]
+
+VARIANTS = ("flow_grpo", "fast", "dance")
+SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# Paper defaults that differ per variant; a null config field takes these (ALGORITHMS.md 1-2).
+VARIANT_DEFAULTS = {
+    "flow_grpo": dict(adv_std="global", adv_eps=1e-4, clip_range=1e-4, kl_beta=0.04, share_initial_noise=False),
+    "fast": dict(adv_std="global", adv_eps=1e-4, clip_range=1e-5, kl_beta=0.04, share_initial_noise=False),
+    "dance": dict(adv_std="group", adv_eps=1e-8, clip_range=1e-4, kl_beta=0.0, share_initial_noise=True),
+}
+# Purposes for derive_seed(seed, epoch, PURPOSE, ...): independent streams per use.
+_NOISE, _STEP_NOISE, _WINDOW, _ORDER, _STEPS = 1, 2, 3, 4, 5
+
+
+# ============================================================================= config
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the transformer (peft), or a full fine-tune with rank 0."""
+
+    rank: int = doc(32, "LoRA rank; 0 fine-tunes every transformer weight (reference = a frozen copy).")
+    alpha: int | None = doc(64, "LoRA alpha (the update is scaled by alpha / rank); null = 2 * rank.")
+    targets: list[str] = doc(SD3_LORA_TARGETS, "Module name suffixes that get LoRA (Flow-GRPO: attention q/k/v/out "
+                                               "and the add_* context projections).")
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError("lora.rank must be >= 0 (0 = full fine-tune)")
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets must name at least one module")
+
+
+@dataclass
+class GRPOSamplerConfig:
+    """How training rollouts and held-out evaluations are sampled."""
+
+    num_steps: int = doc(10, "Denoising steps T of training rollouts (Flow-GRPO's denoising reduction).")
+    eval_num_steps: int = doc(40, "Steps of the deterministic ODE sampler for held-out evaluation.")
+    noise_level: float = doc(0.7, "Flow-GRPO SDE noise level a (paper: 0.7 SD3.5, 0.9 FLUX, 0.8 Fast).")
+    eta: float = doc(0.3, "DanceGRPO's constant diffusion eta (0.3 images, 0.25 video); variant 'dance'.")
+    guidance: float = doc(4.5, "CFG scale of rollouts and re-scoring; 1 = the no-CFG variant (half the cost).")
+    eval_guidance: float | None = doc(None, "CFG scale for evaluation; null = `guidance`.")
+    shift: float = doc(3.0, "Timestep shift s of the sigma schedule.")
+    negative_prompt: str = doc("", "Negative prompt of CFG.")
+    batch_size: int = doc(8, "Rollouts per forward batch on each rank (also the evaluation batch).")
+
+    def __post_init__(self):
+        if self.num_steps < 2 or self.eval_num_steps < 1:
+            raise ValueError("sampler.num_steps must be >= 2 and eval_num_steps >= 1")
+        if self.noise_level < 0 or self.eta < 0:
+            raise ValueError("sampler.noise_level and sampler.eta must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("sampler.batch_size must be >= 1")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW on the trainable parameters."""
+
+    lr: float = doc(3e-4, "Learning rate (Flow-GRPO LoRA: 3e-4; full fine-tunes want ~1e-5).")
+    weight_decay: float = doc(1e-4, "AdamW weight decay.")
+    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = doc(1.0, "Clip the global gradient norm to this (0 = no clipping, norm still logged).")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable parameters."""
+
+    enabled: bool = doc(True, "Keep an EMA of the trainable parameters.")
+    decay: float = doc(0.9, "EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay).")
+    update_interval: int = doc(8, "Optimizer steps between EMA updates (Flow-GRPO: 8).")
+    use_for_eval: bool = doc(True, "Evaluate held-out prompts with the EMA weights.")
+
+
+@register_config("flow_grpo")
+@dataclass
+class FlowGRPOConfig:
+    """Flow-GRPO / Flow-GRPO-Fast / DanceGRPO. Null fields take the variant's paper default."""
+
+    model: str = doc("shapesworld", "'shapesworld' (built-in), 'toy:test' (tiny random model), a diffusers folder "
+                                    "or a hub id.")
+    lora: LoraSettings = doc(LoraSettings(), "LoRA settings (rank 0 = full fine-tune).")
+    reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward: a registered name, "
+                                               "'pkg.module:attr' or a dict with arguments.")
+    prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
+    group_size: int = doc(24, "Samples per prompt K (a group).")
+    groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks.")
+    num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
+    sampler: GRPOSamplerConfig = doc(GRPOSamplerConfig(), "Rollout and evaluation sampling.")
+    variant: Literal["flow_grpo", "fast", "dance"] = doc("flow_grpo", "flow_grpo | fast (SDE window) | dance.")
+    window_size: int = doc(2, "fast: SDE window length (2-3 steps in the first half of the schedule).")
+    step_fraction: float = doc(0.6, "dance: fraction of the T steps trained, drawn at random per update.")
+    timestep_fraction: float = doc(0.99, "flow_grpo: train the first int(T * fraction) steps (the last step's "
+                                         "sigma is tiny and its likelihood overflows).")
+    shuffle_timesteps: bool = doc(False, "Visit the trained steps in a random order within each micro-batch.")
+    share_initial_noise: bool | None = doc(None, "Samples of a group start from the same noise (null: dance only).")
+    adv_std: Literal["global", "group", "none"] | None = doc(
+        None, "Advantage std: 'global' batch std (Flow-GRPO), 'group' per prompt (DanceGRPO), 'none'.")
+    adv_eps: float | None = doc(None, "Added to the advantage std (null: 1e-4, dance 1e-8).")
+    adv_clip: float = doc(5.0, "Clip advantages to +-adv_clip.")
+    clip_range: float | None = doc(None, "PPO ratio clip eps (null: 1e-4, fast 1e-5).")
+    kl_beta: float | None = doc(None, "KL weight to the reference policy; 0 disables it and the reference "
+                                      "forward (null: 0.04, dance 0).")
+    optimizer: OptimizerConfig = doc(OptimizerConfig(), "AdamW settings and gradient clipping.")
+    updates_per_epoch: int = doc(2, "Optimizer steps per pass over the epoch's samples (each accumulates the "
+                                    "gradients of its share of samples x trained steps).")
+    inner_epochs: int = doc(1, "Passes over the epoch's samples (Flow-GRPO num_inner_epochs).")
+    micro_batch_size: int = doc(8, "Samples per training forward on each rank. Re-scoring reproduces the "
+                                   "sampling log-probs bit for bit only if the network sees the same batch "
+                                   "shapes (hardware-dependent); see recompute_old_log_probs.")
+    recompute_old_log_probs: bool = doc(False, "Re-score the trained transitions without grad in the training "
+                                               "micro-batches before the first update, so the first ratio is "
+                                               "exactly 1 whatever the batch shapes / kernels (one extra forward "
+                                               "per trained transition).")
+    ema: EMAConfig = doc(EMAConfig(), "EMA of the trainable parameters.")
+    seed: int = doc(0, "Seed of everything random (prompts, noise, windows, sample order).")
+    output_dir: str = doc("runs/flow_grpo", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
+    checkpoint_every: int = doc(10, "Save a checkpoint every N epochs (and always at the end); 0 = end only.")
+    keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
+    eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
+    resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = doc(
+        "no", "Frozen weights / autocast dtype on CUDA ('no' on CPU); step and log-prob math is fp32 regardless.")
+    gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
+    attention_backend: Literal["sdpa", "xformers"] = doc(
+        "sdpa", "'sdpa' (torch) or 'xformers' (only with the package and CUDA; otherwise warns and uses sdpa).")
+    find_unused_parameters: bool = doc(False, "DDP find_unused_parameters (needed if some trainable weights get "
+                                              "no gradient in a forward).")
+    quiet: bool = doc(False, "No per-epoch summary line on the console.")
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages compare samples of a group)")
+        for name in ("groups_per_epoch", "num_epochs", "updates_per_epoch", "inner_epochs", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 < self.timestep_fraction <= 1 or not 0 < self.step_fraction <= 1:
+            raise ValueError("timestep_fraction and step_fraction must be in (0, 1]")
+        if self.variant == "fast" and not 1 <= self.window_size <= self.sampler.num_steps // 2:
+            raise ValueError(f"window_size must be in [1, num_steps // 2 = {self.sampler.num_steps // 2}]")
+        for name in ("adv_eps", "clip_range", "kl_beta"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
+
+
+def resolve_variant_defaults(cfg: FlowGRPOConfig) -> FlowGRPOConfig:
+    """A copy of cfg with every null variant-dependent field set to the variant's default."""
+    defaults = VARIANT_DEFAULTS[cfg.variant]
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+# ============================================================================= setup helpers
+
+
+def resolve_mixed_precision(name: str, cuda_available: bool | None = None) -> str:
+    """accelerate's mixed_precision: fp16/bf16 only with CUDA (on a CPU they are slower and fp16
+    kernels are missing), else a warning and 'no' (fp32)."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if name in ("fp32", "no"):
+        return "no"
+    if name not in ("fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {name!r}")
+    if not cuda:
+        warnings.warn(f"mixed_precision={name} needs CUDA; training in fp32 on the CPU", stacklevel=2)
+        return "no"
+    return name
+
+
+def resolve_attention_backend(name: str, cuda_available: bool | None = None) -> str:
+    """'sdpa' or 'xformers'; xformers only when it is installed AND CUDA is available (its kernels
+    raise on a CPU), else a warning and 'sdpa'."""
+    if name == "sdpa":
+        return "sdpa"
+    if name != "xformers":
+        raise ValueError(f"attention_backend must be 'sdpa' or 'xformers', got {name!r}")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    installed = importlib.util.find_spec("xformers") is not None
+    if installed and cuda:
+        return "xformers"
+    missing = " and ".join(what for what, ok in (("the xformers package", installed), ("CUDA", cuda)) if not ok)
+    warnings.warn(f"attention_backend='xformers' needs {missing}; using torch SDPA instead", stacklevel=2)
+    return "sdpa"
+
+
+def _make_accelerator(cfg: FlowGRPOConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # cpu=True without CUDA: otherwise `accelerate launch --multi_gpu` on a CPU machine runs
+    # every rank as its own single-process job (ENVIRONMENT.md).
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=cfg.find_unused_parameters)])
+
+
+def _load_model(spec: str, device: torch.device):
+    if spec.startswith("toy:"):  # a freshly initialised toy model of the named size (tests, smoke runs)
+        from samplers.models.shapesworld import toy_components
+
+        return toy_components(spec.removeprefix("toy:"), seed=0).to(device)
+    from samplers.models import load_model
+
+    return load_model(spec, device=device)
+
+
+def _setup_trainable(model, cfg: FlowGRPOConfig, weight_dtype: torch.dtype):
+    """Make LoRA (or the whole transformer) trainable; returns (named trainable params, reference
+    transformer for the full fine-tune's KL or None)."""
+    model.requires_grad_(False).eval()
+    reference = None
+    if cfg.lora.rank > 0:
+        if weight_dtype != torch.float32:
+            model.transformer.to(weight_dtype)
+        model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.targets)
+        trainable = {n: p for n, p in model.transformer.named_parameters() if "lora_" in n}
+        for p in trainable.values():
+            p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
+            p.requires_grad_(True)
+    else:
+        if cfg.kl_beta:
+            reference = copy.deepcopy(model.transformer).to(weight_dtype).requires_grad_(False).eval()
+        model.transformer.requires_grad_(True)
+        trainable = dict(model.transformer.named_parameters())
+    for module in (model.vae, model.text_encoder, model.text_encoder_2, model.text_encoder_3):
+        if module is not None and weight_dtype != torch.float32:
+            module.to(weight_dtype)
+    return trainable, reference
+
+
+@contextlib.contextmanager
+def _transformer_as(model, module):
+    """Run the adapter's forward passes through `module` (the DDP-wrapped or the reference
+    transformer) inside the block; the adapter keeps the raw module otherwise."""
+    raw = model.transformer
+    model.transformer = module
+    try:
+        yield
+    finally:
+        model.transformer = raw
+
+
+def _reference_policy(model, reference):
+    """Flow-GRPO's reference: the base model with LoRA disabled, or the frozen copy (full FT)."""
+    return model.lora_disabled() if reference is None else _transformer_as(model, reference)
+
+
+def epoch_step_schedule(cfg: FlowGRPOConfig, epoch: int) -> tuple[list[str], dict, list[int]]:
+    """(step types of the rollout, step params, candidate trained step indices) for `epoch`."""
+    T = cfg.sampler.num_steps
+    if cfg.variant == "dance":
+        return window_step_types(T, None, "dance_sde"), {"eta": cfg.sampler.eta}, list(range(T))
+    params = {"noise_level": cfg.sampler.noise_level}
+    if cfg.variant == "fast":
+        start, end = random_window(T, cfg.window_size, derive_seed(cfg.seed, epoch, _WINDOW))
+        return window_step_types(T, (start, end)), params, list(range(start, end))
+    return window_step_types(T, None), params, list(range(max(1, int(T * cfg.timestep_fraction))))
+
+
+def _trained_steps(cfg: FlowGRPOConfig, candidates: list[int], epoch: int, update: int) -> list[int]:
+    """The steps one optimizer update trains: all candidates, or (dance) a random subset."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _STEPS, update))
+    steps = list(candidates)
+    if cfg.variant == "dance":
+        count = max(1, int(len(steps) * cfg.step_fraction))
+        steps = sorted(steps[i] for i in torch.randperm(len(steps), generator=gen)[:count].tolist())
+    if cfg.shuffle_timesteps:
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=gen).tolist()]
+    return steps
+
+
+# ============================================================================= rollouts, rewards, advantages
+
+
+@dataclass
+class Rollouts:
+    """This rank's samples of an epoch: trajectories, their conditioning and rewards."""
+
+    trajectory: Trajectory  # [n] chains
+    cond: Any  # conditioning of the n samples (SD3Cond)
+    rewards: Tensor  # [n] fp32, NaN = not scored
+    extras: dict[str, Tensor]  # per-sample reward extras [n] (e.g. "strict")
+
+
+def _initial_noise(cfg: FlowGRPOConfig, batch: SampleBatch, epoch: int, latent_shape, share: bool) -> Tensor:
+    """[n, *latent] noise seeded per sample (or per group if shared), independent of the rank layout."""
+    keys = batch.group_ids if share else batch.sample_ids
+    return torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(
+        derive_seed(cfg.seed, epoch, _NOISE, int(share), int(k)))) for k in keys])
+
+
+def _encode(model, prompts: list[str], guidance: float, negative_prompt: str):
+    """Conditioning of n prompts, each distinct prompt encoded once."""
+    unique = list(dict.fromkeys(prompts))
+    cond = model.encode_prompt(unique, negative_prompt=negative_prompt if guidance > 1 else None)
+    return cond.index(torch.tensor([unique.index(p) for p in prompts], device=model.device))
+
+
+@torch.no_grad()
+def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, epoch: int,
+                     step_types: list[str], step_params: dict) -> Rollouts:
+    """Sample this rank's chains batch by batch, decode and score them."""
+    s = cfg.sampler
+    device = model.device
+    sigmas = flow_sigmas(s.num_steps, shift=s.shift, device=device)
+    cond = _encode(model, batch.prompts, s.guidance, s.negative_prompt)
+    noise = _initial_noise(cfg, batch, epoch, model.latent_shape(), cfg.share_initial_noise).to(device)
+    trajectories, rewards, extras = [], [], {}
+    for start in range(0, len(batch), s.batch_size):
+        idx = slice(start, start + s.batch_size)
+        # step noise seeded by the batch's first global sample: the same for any rank layout whose
+        # per-rank sample count is a multiple of the batch size
+        generator = torch.Generator(device=device).manual_seed(
+            derive_seed(cfg.seed, epoch, _STEP_NOISE, int(batch.sample_ids[start])))
+        traj = rollout(model, cond.index(idx), sigmas, step_types=step_types, step_params=step_params,
+                       guidance=s.guidance, initial_noise=noise[idx], generator=generator)
+        images = model.decode(traj.final)
+        out = reward_fn(images, batch.prompts[idx], metadata=batch.metadata[idx], group_ids=batch.group_ids[idx])
+        trajectories.append(traj)
+        rewards.append(out.scores.float().cpu())
+        for key, value in out.extras.items():
+            if isinstance(value, Tensor) and value.ndim == 1 and value.shape[0] == images.shape[0]:
+                extras.setdefault(key, []).append(value.detach().float().cpu())
+    extras = {k: torch.cat(v) for k, v in extras.items() if len(v) == len(trajectories)}
+    return Rollouts(Trajectory.cat(trajectories), cond, torch.cat(rewards), extras)
+
+
+def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBatch, accelerator):
+    """Advantages over the batch gathered from every rank.
+
+    Returns (advantages [N] and keep mask [N], both indexed by global sample id, metrics). keep
+    is False for the samples of groups whose advantages are all zero (no gradient signal).
+    """
+    ids = batch.sample_ids.to(accelerator.device)
+    rewards, group_ids = gather_for_advantages(rollouts.rewards.to(accelerator.device),
+                                               batch.group_ids.to(accelerator.device), accelerator)  # [N], [N]
+    sample_ids = accelerator.gather(ids) if accelerator.num_processes > 1 else ids  # [N]
+    advantages, metrics = group_advantages(rewards, group_ids, std=cfg.adv_std, eps=cfg.adv_eps,
+                                           clip=cfg.adv_clip, unbiased=cfg.variant == "dance")  # [N]
+    keep = nonzero_group_mask(advantages, group_ids)  # [N]
+    by_id = torch.zeros(batch.num_samples, dtype=torch.float32)
+    by_id[sample_ids.cpu()] = advantages.float().cpu()
+    keep_by_id = torch.zeros(batch.num_samples, dtype=torch.bool)
+    keep_by_id[sample_ids.cpu()] = keep.cpu()
+    out = {k: float(v) for k, v in metrics.items()}
+    out["adv_clip_fraction"] = out.pop("clip_fraction")
+    out["kept_fraction"] = float(keep.float().mean())
+    for key, values in rollouts.extras.items():  # reward extras over the whole batch (e.g. strict)
+        gathered = accelerator.gather(values.to(accelerator.device)) if accelerator.num_processes > 1 else values
+        out[f"reward_{key}"] = float(torch.nanmean(gathered.float()))
+    return by_id, keep_by_id, out
+
+
+@dataclass
+class Update:
+    """One optimizer step of an epoch: this rank's micro-batches (local sample indices; [[0]] with
+    scale 0 if the rank holds none of the step's samples), the trained steps, and the weight of
+    each (sample, step) loss term, P / (samples in the update over all ranks x steps), so that
+    DDP's mean over ranks is the mean over the update's (sample, step) pairs."""
+
+    micro_batches: list[list[int]]
+    steps: list[int]
+    scale: float
+
+
+def plan_updates(cfg: FlowGRPOConfig, keep: Tensor, batch: SampleBatch, candidate_steps: list[int], epoch: int,
+                 num_processes: int) -> list[Update]:
+    """The epoch's optimizer steps: for each inner epoch the kept global sample ids, in a seeded
+    random order, are split into `updates_per_epoch` chunks. Chunks are global (identical on every
+    rank and for any number of ranks); empty ones are skipped by all ranks alike."""
+    local_index = {int(s): i for i, s in enumerate(batch.sample_ids)}  # global id -> local index
+    updates = []
+    for inner in range(cfg.inner_epochs):
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _ORDER, inner))
+        order = torch.randperm(keep.numel(), generator=gen)
+        for chunk_index, chunk in enumerate(torch.tensor_split(order[keep[order]], cfg.updates_per_epoch)):
+            if chunk.numel() == 0:
+                continue
+            steps = _trained_steps(cfg, candidate_steps, epoch, inner * cfg.updates_per_epoch + chunk_index)
+            local = [local_index[s] for s in chunk.tolist() if s in local_index]
+            micro_batches = [local[i : i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
+            scale = num_processes / (chunk.numel() * len(steps))
+            updates.append(Update(micro_batches, steps, scale) if micro_batches else Update([[0]], steps, 0.0))
+    return updates
+
+
+@torch.no_grad()
+def recompute_old_log_probs(model, rollouts: Rollouts, updates: list[Update]) -> None:
+    """Replace the sampling log-probs of the trained transitions by a no-grad re-score in the
+    training micro-batches (before any update, so under the sampling weights).
+
+    Sampling and training run the network on differently shaped batches (and possibly other
+    kernels or precisions), which can make the first update's ratio differ from 1 by more than
+    the clip range; re-scoring with the training shapes removes that. Costs one forward per
+    trained transition. A transition trained in several inner epochs keeps its first re-score.
+    """
+    traj = rollouts.trajectory
+    log_probs, done = traj.log_probs.clone(), torch.zeros_like(traj.log_probs, dtype=torch.bool)  # [n, T]
+    for update in updates:
+        if update.scale == 0:
+            continue
+        for mb in update.micro_batches:
+            index = torch.tensor(mb)
+            sub, cond = traj.select(index), rollouts.cond.index(index)
+            for i in update.steps:
+                new = rescore_step(model, cond, sub, i).log_prob.to(log_probs.device)  # [b]
+                keep_old = done[index, i]
+                log_probs[index, i] = torch.where(keep_old, log_probs[index, i], new)
+                done[index, i] = True
+    traj.log_probs = log_probs
+
+
+# ============================================================================= evaluation
+
+
+@torch.no_grad()
+def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerator) -> dict[str, float]:
+    """Mean held-out reward (and per-sample reward extras) with the ODE sampler at eval_num_steps.
+    Sample i uses seed i, so evaluations of different epochs and runs are paired."""
+    from accelerate.utils import gather_object
+
+    from samplers.generate import generate
+
+    s = cfg.sampler
+    repeats = cfg.prompts.eval_samples_per_prompt
+    samples = [(index, items[index // repeats]) for index in range(len(items) * repeats)]  # (seed, item)
+    mine = samples[accelerator.process_index :: accelerator.num_processes]
+    results = []
+    for start in range(0, len(mine), s.batch_size):
+        chunk = mine[start : start + s.batch_size]
+        prompts = [item["prompt"] for _, item in chunk]
+        images = generate(model, prompts, [i for i, _ in chunk], num_steps=s.eval_num_steps,
+                          guidance=s.guidance if s.eval_guidance is None else s.eval_guidance, shift=s.shift,
+                          sampler="ode", negative_prompt=s.negative_prompt, batch_size=s.batch_size)
+        out = reward_fn(images.to(model.device), prompts, metadata=[item.get("meta") for _, item in chunk])
+        per_sample = {"reward": out.scores.float().cpu()}
+        per_sample.update({k: v.float().cpu() for k, v in out.extras.items()
+                           if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
+        results += [{k: float(v[j]) for k, v in per_sample.items()} for j in range(len(chunk))]
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    metrics = {}
+    for key in results[0] if results else []:
+        values = torch.tensor([r.get(key, math.nan) for r in results])
+        metrics[f"eval_{key}_mean"] = float(torch.nanmean(values))
+    metrics["eval_num_samples"] = len(results)
+    return metrics
+
+
+# ============================================================================= checkpoints
+
+
+def _save(accelerator, model, cfg, epoch: int, global_step: int, trainable, optimizer, ema) -> None:
+    """Checkpoint of the state after `epoch` (collective: every rank must call it)."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    if accelerator.is_main_process:
+        state = {"optimizer": optimizer.state_dict(), "rng": rng,
+                 "ema": ema.state_dict() if ema is not None else None}
+        export = (lambda folder: model.save_lora(folder / "lora")) if cfg.lora.rank > 0 else None
+        save_checkpoint(cfg.output_dir, epoch, {n: p.detach() for n, p in trainable.items()}, state,
+                        info={"global_step": global_step}, export=export, keep_last=cfg.keep_checkpoints or None)
+    accelerator.wait_for_everyone()
+
+
+def _restore(path: Path, accelerator, trainable, optimizer, ema) -> tuple[int, int]:
+    """Load a checkpoint into the run; returns (next epoch, global step)."""
+    weights, state, info = load_checkpoint(path)
+    missing = set(trainable) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trainable weights, e.g. {sorted(missing)[:3]} "
+                         "(was it written with the same model and LoRA settings?)")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    rng = state.get("rng") or []
+    if len(rng) == accelerator.num_processes:  # another world size: keep the fresh RNG states
+        set_rng_state(rng[accelerator.process_index])
+    return int(info["epoch"]) + 1, int(info["global_step"])
+
+
+def _export_final(model, cfg, ema) -> None:
+    """OUTPUT_DIR/final (and final_ema): the LoRA in diffusers format, or the whole model folder."""
+    out = Path(cfg.output_dir)
+    save = (lambda d: model.save_lora(d)) if cfg.lora.rank > 0 else (lambda d: model.save_pretrained(d))
+    save(out / "final")
+    if ema is not None:
+        with ema.swapped():
+            save(out / "final_ema")
+
+
+# ============================================================================= policy update
+
+
+class LossStats:
+    """Sample-weighted sums of the loss metrics of an epoch (all updates, and the first update,
+    which runs before any optimizer step: its ratio must be exactly 1)."""
+
+    KEYS = ("policy_loss", "approx_kl", "clip_fraction", "kl")
+
+    def __init__(self):
+        self.sums = {k: 0.0 for k in self.KEYS}
+        self.weight = 0.0
+        self.first = {"approx_kl": 0.0, "clip_fraction": 0.0}
+        self.first_weight = 0.0
+        self.first_ratio_error = 0.0
+
+    def add(self, metrics: dict[str, float], weight: float, first_update: bool) -> None:
+        for key in self.KEYS:
+            self.sums[key] += metrics[key] * weight
+        self.weight += weight
+        if first_update and weight > 0:
+            for key in self.first:
+                self.first[key] += metrics[key] * weight
+            self.first_weight += weight
+            error = max(abs(metrics["ratio_min"] - 1), abs(metrics["ratio_max"] - 1))
+            self.first_ratio_error = max(self.first_ratio_error, error)
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Means over every rank's micro-batches (NaN if nothing was trained)."""
+        values = torch.tensor([*self.sums.values(), self.weight, *self.first.values(), self.first_weight],
+                              dtype=torch.float64, device=accelerator.device)
+        ratio_error = torch.tensor([self.first_ratio_error], dtype=torch.float64, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, "sum")
+            ratio_error = accelerator.gather(ratio_error).max()[None]
+        values = values.tolist()
+        sums, weight = values[: len(self.KEYS)], values[len(self.KEYS)]
+        first, first_weight = values[len(self.KEYS) + 1 : -1], values[-1]
+        out = {k: s / weight if weight else math.nan for k, s in zip(self.KEYS, sums)}
+        out.update({f"first_update_{k}": s / first_weight if first_weight else math.nan
+                    for k, s in zip(self.first, first)})
+        out["first_update_ratio_error"] = float(ratio_error[0]) if first_weight else math.nan
+        out["trained_transitions"] = weight  # (sample, step) pairs trained, over all updates
+        return out
+
+
+def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantages: Tensor, update: Update,
+                         cfg: FlowGRPOConfig, accelerator, stats: LossStats, first_update: bool) -> None:
+    """Backward of one optimizer update's loss, micro-batch by micro-batch and step by step.
+
+    advantages: [n] of this rank's samples. A rank with none of the update's samples runs one
+    zero-weight pass (update.scale = 0) so that DDP's gradient all-reduce still matches.
+    """
+    scale = update.scale
+    passes = [(mb, i) for mb in update.micro_batches for i in update.steps]
+    for pass_index, (mb, i) in enumerate(passes):
+        index = torch.tensor(mb)
+        traj, cond = rollouts.trajectory.select(index), rollouts.cond.index(index)
+        adv = advantages[index].to(accelerator.device)  # [b]
+        last = pass_index == len(passes) - 1  # DDP all-reduces gradients on the last backward only
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            kl = torch.zeros(len(mb), device=accelerator.device)  # [b]
+            if cfg.kl_beta:
+                with torch.no_grad(), _reference_policy(model, reference):
+                    ref = rescore_step(model, cond, traj, i)
+            with _transformer_as(model, policy):
+                new = rescore_step(model, cond, traj, i)  # log p of the stored transition, with grad
+            policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
+            if cfg.kl_beta:
+                kl = flow_grpo_kl(new.mean, ref.mean, new.noise_scale)  # [b]
+            loss = (policy_loss + cfg.kl_beta * kl.mean()) * (len(mb) * scale)
+            accelerator.backward(loss)
+        metrics = {**{k: float(v) for k, v in metrics.items()}, "kl": float(kl.detach().mean())}
+        stats.add(metrics, len(mb) if scale > 0 else 0.0, first_update)
+
+
+# ============================================================================= the loop
+
+
+def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
+    """Run Flow-GRPO as configured; returns the last epoch's metrics (plus the final evaluation).
+
+    model: a FlowModel adapter to train in place (default: load `cfg.model`); reward: a Reward
+    (default: build `cfg.reward`). Works on one process and under `accelerate launch`.
+    """
+    from rewards import build_reward
+
+    cfg = resolve_variant_defaults(cfg)
+    accelerator = _make_accelerator(cfg)
+    is_main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    out_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+
+    # ---- model, reward, trainable parameters, optimizer
+    model = model if model is not None else _load_model(cfg.model, accelerator.device)
+    model.to(accelerator.device)
+    reward_fn = reward if reward is not None else build_reward(cfg.reward)
+    trainable, reference = _setup_trainable(model, cfg, weight_dtype)
+    if resolve_attention_backend(cfg.attention_backend) == "xformers":
+        model.transformer.enable_xformers_memory_efficient_attention()
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(trainable.values(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    # only the trainable module goes through prepare (DDP); the adapter keeps the raw transformer
+    # for sampling, LoRA switching and saving, and borrows the wrapped one for forwards under grad
+    policy, optimizer = accelerator.prepare(model.transformer, optimizer)
+    ema = EMA(trainable.items(), cfg.ema.decay, cfg.ema.update_interval) if cfg.ema.enabled else None
+    eval_weights = (lambda: ema.swapped()) if ema is not None and cfg.ema.use_for_eval else contextlib.nullcontext
+
+    # ---- data, resume, logging
+    train_data = PromptDataset(load_prompt_items(cfg.prompts.split, cfg.prompts.file), seed=cfg.seed)
+    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file)[: cfg.prompts.eval_num_prompts]
+    start_epoch, global_step = 0, 0
+    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
+    if checkpoint is not None:
+        start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, ema)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if checkpoint is not None and not cfg.quiet:
+            print(f"resuming from {checkpoint} (epoch {start_epoch} of {cfg.num_epochs})")
+    logger = MetricsLogger(out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
+                           title=f"{cfg.variant} on {cfg.model}", enabled=is_main)
+    metrics: dict[str, Any] = {}
+    last_saved = start_epoch - 1 if checkpoint is not None else None
+    completed, dirty = start_epoch - 1, False  # last finished epoch; weights changed since then?
+
+    try:
+        with TrainingProgress(cfg.num_epochs, start_epoch, enabled=is_main, quiet=cfg.quiet) as progress:
+            for epoch in range(start_epoch, cfg.num_epochs):
+                epoch_start = time.perf_counter()
+                metrics = {}
+
+                # ---- held-out evaluation of the weights after `epoch` epochs
+                if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    with eval_weights():
+                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator))
+                    metrics["time_eval"] = time.perf_counter() - epoch_start
+
+                # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
+                rollout_start = time.perf_counter()
+                batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
+                                               cfg.prompts.spread_groups)
+                step_types, step_params, candidate_steps = epoch_step_schedule(cfg, epoch)
+                rollouts = collect_rollouts(model, reward_fn, batch, cfg, epoch, step_types, step_params)
+                metrics["time_rollout"] = time.perf_counter() - rollout_start
+
+                # ---- advantages over the batch gathered from all ranks; no-signal groups dropped
+                advantages_by_id, keep, advantage_metrics = compute_advantages(cfg, rollouts, batch, accelerator)
+                metrics.update(advantage_metrics)
+                advantages = advantages_by_id[batch.sample_ids]  # [n] this rank's samples
+
+                # ---- policy updates: accumulate -> clip -> step -> EMA
+                train_start = time.perf_counter()
+                updates = plan_updates(cfg, keep, batch, candidate_steps, epoch, P)
+                if cfg.recompute_old_log_probs:
+                    recompute_old_log_probs(model, rollouts, updates)
+                stats, grad_norms = LossStats(), []
+                for update in updates:
+                    accumulate_gradients(model, policy, reference, rollouts, advantages, update, cfg, accelerator,
+                                         stats, first_update=not grad_norms)
+                    max_norm = o.max_grad_norm if o.max_grad_norm > 0 else math.inf
+                    grad_norms.append(float(accelerator.clip_grad_norm_(list(trainable.values()), max_norm)))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step, dirty = global_step + 1, True
+                    if ema is not None:
+                        ema.update(global_step)
+                metrics["time_train"] = time.perf_counter() - train_start
+
+                # ---- log (metrics are over all ranks)
+                metrics.update(stats.reduce(accelerator))
+                metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+                metrics["optimizer_steps"], metrics["global_step"] = len(grad_norms), global_step
+                metrics["time_epoch"] = time.perf_counter() - epoch_start
+                logger.log(epoch, metrics)
+                progress.advance(epoch, _summary(metrics))
+                completed, dirty = epoch, False
+
+                # ---- checkpoint at intervals and after the last epoch
+                if epoch == cfg.num_epochs - 1 or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+                    _save(accelerator, model, cfg, epoch, global_step, trainable, optimizer, ema)
+                    last_saved = epoch
+    except KeyboardInterrupt:
+        # Checkpoint at exit if the weights are still those of the last finished epoch (a
+        # half-done update phase cannot be resumed exactly), on one process only (with several,
+        # ranks stop at different points and a collective save could hang).
+        if P == 1 and not dirty and completed >= 0 and completed != last_saved:
+            _save(accelerator, model, cfg, completed, global_step, trainable, optimizer, ema)
+            print(f"interrupted: saved the checkpoint of epoch {completed}", flush=True)
+        raise
+
+    # ---- after training: final held-out evaluation and export
+    if cfg.eval_every and start_epoch < cfg.num_epochs:
+        with eval_weights():
+            final = evaluate(model, reward_fn, eval_items, cfg, accelerator)
+        metrics.update({f"final_{k}": v for k, v in final.items()})
+        if is_main and not cfg.quiet:
+            print(f"held-out reward after {cfg.num_epochs} epochs: {final.get('eval_reward_mean', math.nan):.4f}")
+    if is_main:
+        _export_final(model, cfg, ema)
+        logger.close()
+    accelerator.wait_for_everyone()
+    metrics["last_checkpoint_epoch"] = last_saved
+    return metrics
+
+
+def _summary(m: dict[str, Any]) -> str:
+    parts = [f"reward {m.get('reward_mean', math.nan):.3f}±{m.get('reward_std', math.nan):.3f}"]
+    if "eval_reward_mean" in m:
+        parts.append(f"held-out {m['eval_reward_mean']:.3f}")
+    parts += [f"kept {m.get('kept_fraction', math.nan):.2f}", f"kl {m.get('kl', math.nan):.2e}",
+              f"clip {m.get('clip_fraction', math.nan):.3f}", f"|g| {m.get('grad_norm', math.nan):.3g}",
+              f"{m.get('time_epoch', 0.0):.1f}s"]
+    return " | ".join(parts)
