@@ -184,12 +184,12 @@ class SD3Adapter(torch.nn.Module):
                  guidance: float = 1.0) -> torch.Tensor:
         """Predicted velocity v = eps - x0 (fp32) with classifier-free guidance inside.
 
-        latents: [B, C, H, W]; sigma: scalar or [B] in [0, 1]; guidance <= 1 or a cond without
-        negatives runs the conditional branch only.
+        latents: [B, C, H, W]; sigma: scalar or [B] in [0, 1]. As in diffusers' pipeline, CFG runs
+        only for guidance > 1; guidance <= 1 or a cond without negatives is the conditional branch.
         """
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
-        if guidance == 1.0 or cond.negative_prompt_embeds is None:
+        if guidance <= 1.0 or cond.negative_prompt_embeds is None:
             return self._transformer(latents, sigma, cond.prompt_embeds, cond.pooled)
         embeds, pooled = cond.cfg_pair()
         v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), embeds, pooled)
