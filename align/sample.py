@@ -60,8 +60,7 @@ def load_sampling_model(cfg: SampleConfig):
     from samplers.models import load_model
 
     dtype = resolve_dtype(cfg.dtype, cfg.device)
-    kwargs = {} if cfg.model == "shapesworld" else {"torch_dtype": dtype}
-    model = load_model(cfg.model, device=cfg.device, **kwargs)
+    model = load_model(cfg.model, device=cfg.device, torch_dtype=dtype)
     if cfg.lora:
         model.load_lora(cfg.lora)
     return model

@@ -19,7 +19,7 @@ def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
     if str(spec) == "shapesworld":
         from .shapesworld import load_shapesworld
 
-        return load_shapesworld(device=device)
+        return load_shapesworld(device=device, **kwargs)
     root = Path(spec)
     if root.is_dir():
         index = root / "model_index.json"

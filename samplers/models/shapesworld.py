@@ -77,13 +77,13 @@ def toy_components(size: str = "shapesworld", seed: int = 0) -> SD3Adapter:
                       defaults=DEFAULTS)
 
 
-def load_shapesworld(device: str | torch.device = "cpu", path: str | Path | None = None) -> SD3Adapter:
+def load_shapesworld(device: str | torch.device = "cpu", path: str | Path | None = None, **kwargs) -> SD3Adapter:
     """The shipped, pretrained ShapesWorld model (or one saved by `align pretrain-toy --out`)."""
     root = Path(path) if path else SHAPESWORLD_DIR
     if not (root / "transformer").is_dir():
         raise FileNotFoundError(
             f"ShapesWorld weights not found in {root}; rebuild them with `align pretrain-toy --out {root}`")
-    return SD3Adapter.from_pretrained(root, device=device)
+    return SD3Adapter.from_pretrained(root, device=device, **kwargs)
 
 
 def weights_checksum(root: str | Path = SHAPESWORLD_DIR) -> str:
