@@ -67,6 +67,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Moves the finished folder `src` to `dst`; an existing `dst` is moved aside first and
+    removed only after the swap, so at every moment a complete folder is in place."""
+    if dst.exists():
+        old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def save_checkpoint(output_dir: str | Path, epoch: int, weights: dict[str, Tensor], state: dict[str, Any],
                     info: dict[str, Any] | None = None, export: Callable[[Path], None] | None = None,
                     keep_last: int | None = None) -> Path:
@@ -94,13 +106,7 @@ def save_checkpoint(output_dir: str | Path, epoch: int, weights: dict[str, Tenso
         meta = {"epoch": epoch, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
-        if final.exists():  # same epoch saved before (e.g. at exit): move it aside, then swap in
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # same epoch saved before (e.g. at exit) is swapped out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ ends with a one-line `align: error: ...` and exit code 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,23 +30,15 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+@contextlib.contextmanager
 def _progress(total: int, description: str):
-    """A rich progress bar (with ETA) as a context manager yielding an `advance(n)` callback."""
+    """A rich progress bar (with ETA); yields an `advance(n)` callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty())
-    task = progress.add_task(description, total=total)
-
-    class _Bar:
-        def __enter__(self):
-            progress.__enter__()
-            return lambda n: progress.advance(task, n)
-
-        def __exit__(self, *exc):
-            return progress.__exit__(*exc)
-
-    return _Bar()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 # ------------------------------------------------------------------------------ sample

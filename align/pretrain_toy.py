@@ -126,6 +126,8 @@ def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 1200, vae_batch: int
     """Trains the toy model and saves it to `out`. Returns `out`."""
     from samplers.models.shapesworld import toy_components
 
+    from .checkpoint import replace_dir
+
     torch.set_num_threads(threads)
     out = Path(out)
     # Everything is written to a sibling work folder and swapped in at the end, so a killed run
@@ -165,18 +167,8 @@ def pretrain_toy(out: Path, seed: int = 0, vae_steps: int = 1200, vae_batch: int
                                                            lr=lr, dataset_size=dataset_size)})
     log("done", steps, minutes=(time.time() - start) / 60)
     log_file.close()
-    _replace_dir(work, out)
+    replace_dir(work, out)
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves folder `src` to `dst`, replacing any existing `dst` (old copy removed last)."""
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from samplers.steps import STEPS
 from .config import doc, register_config
 
 SAMPLER_NAMES = tuple(STEPS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @register_config("sample")
@@ -41,9 +42,6 @@ class SampleConfig:
             raise ValueError("batch_size must be >= 1")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError("num_steps must be >= 1")
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

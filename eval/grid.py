@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from rewards.shapes import to_uint8_images as to_uint8_hwc
 
 
 def to_uint8_images(images) -> list[np.ndarray]:
     """Float [N, 3, H, W] in [0, 1] (tensor or array) or uint8 HWC list -> list of uint8 HWC."""
-    if hasattr(images, "detach"):
-        images = images.detach().cpu().float().numpy()
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] in (1, 3):
-        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor):
+        images = to_uint8_hwc(images)
     return [np.asarray(im) for im in images]
 
 

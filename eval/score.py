@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .shapes import IMAGE_SIZE, aggregate, all_prompts, detect, evaluate
+from rewards.shapes import lookup_shapes_metadata
+
+from .shapes import IMAGE_SIZE, aggregate, detect, evaluate
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -40,14 +42,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _meta_for(row: dict, where: str, by_prompt: dict[str, dict]) -> dict:
+def _meta_for(row: dict, where: str) -> dict:
     if isinstance(row.get("meta"), dict):
         return row["meta"]
     if "include" in row and "tag" in row:  # a GenEval metadata line itself
         return row
     prompt = row.get("prompt")
-    if prompt in by_prompt:
-        return by_prompt[prompt]
+    meta = lookup_shapes_metadata(prompt) if isinstance(prompt, str) else None
+    if meta is not None:
+        return meta
     raise ScoreInputError(f"{where}: no GenEval-style metadata for prompt {prompt!r} "
                           "(not a ShapesWorld prompt; add a 'meta' field)")
 
@@ -79,13 +82,12 @@ def score_folder(folder: str | Path, metadata: str | Path | None = None) -> tupl
     rows = read_jsonl(listing)
     if not rows:
         raise ScoreInputError(f"{listing}: lists no images")
-    by_prompt = {m["prompt"]: m for m in all_prompts()}
     results, metas = [], []
     for number, row in enumerate(rows, start=1):
         where = f"{listing}:{number}"
         if "file" not in row:
             raise ScoreInputError(f"{where}: missing 'file'")
-        meta = _meta_for(row, where, by_prompt)
+        meta = _meta_for(row, where)
         image = load_image(folder / row["file"])
         detections = detect(image)
         result = evaluate(detections, meta)
