@@ -1,7 +1,7 @@
 """The `align` command line: one entry point, a subcommand per job.
 
     align sample [CONFIG] [--prompt TEXT ...] [--num N] [--out PATH] [key=value ...]
-    align score FOLDER [--out results.csv]
+    align score FOLDER [--reward NAME[:WEIGHT] ... | --reward-config YAML] [--out results.csv|.jsonl]
     align pretrain-toy [--out DIR]
     align train CONFIG [key=value ...] [--resume]
 
@@ -99,19 +99,44 @@ def _run_sample(args) -> None:
 
 
 # ------------------------------------------------------------------------------ score
+SCORE_EXAMPLES = """examples:
+  align score runs/base                                     # ShapesWorld verifier (GenEval semantics)
+  align score clips/ --reward shapes_saturation --out clips.jsonl
+  align score runs/base --reward shapes_geneval:1 --reward shapes_quality:0.5
+  align score runs/base --reward my_pkg.rewards:sharpness:2 # import path, weight 2
+  align score runs/base --reward-config judge.yaml          # e.g. reward: {name: http_judge, base_url: ..., model: ...}
+"""
+
+
 def _add_score(sub) -> None:
-    p = sub.add_parser("score", help="score a folder of images with the ShapesWorld verifier",
-                       description="Score images against their prompts with the ShapesWorld verifier "
-                                   "(GenEval semantics: strict correctness and Flow-GRPO partial credit). "
-                                   "The folder is one written by `align sample --out DIR`; prompts come from "
-                                   "its samples.jsonl or from --metadata.")
+    p = sub.add_parser("score", help="score a folder of images/videos (ShapesWorld verifier or any reward)",
+                       description="Score images against their prompts. Without --reward: the ShapesWorld "
+                                   "verifier (GenEval semantics: strict correctness and Flow-GRPO partial credit) "
+                                   "on a folder written by `align sample --out DIR`. With --reward or "
+                                   "--reward-config: any registered reward on every image and video "
+                                   "(decord, else PyAV) in the folder, prompts from its samples.jsonl or "
+                                   "--metadata if present; unreadable or unscorable files are reported one "
+                                   "line each and skipped.",
+                       epilog=SCORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path)
     p.add_argument("--metadata", type=Path, help="JSONL with file + prompt (+ meta) per line")
-    p.add_argument("--out", type=Path, help="per-image results, .csv (default FOLDER/scores.csv) or .jsonl")
+    p.add_argument("--out", type=Path, help="per-file results, .csv (default FOLDER/scores.csv) or .jsonl")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--reward", action="append", metavar="NAME[:WEIGHT]",
+                       help="a registered reward name or import path pkg.module:attr, optionally :weight; "
+                            "repeatable (several are summed with their weights)")
+    which.add_argument("--reward-config", type=Path, metavar="YAML",
+                       help="a reward spec with constructor arguments: a YAML holding a name/type dict, a "
+                            "list (weighted sum) or a `reward:` key (so experiment configs work too)")
+    p.add_argument("--batch-size", type=int, default=16, help="files per reward call (default 16)")
+    p.add_argument("--frames", type=int, default=16, help="frames read evenly from each video (default 16)")
     p.set_defaults(func=_run_score)
 
 
 def _run_score(args) -> None:
+    if args.reward or args.reward_config:
+        _run_reward_score(args)
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -126,6 +151,75 @@ def _run_score(args) -> None:
         table.add_row(*row)
     Console().print(table)
     print(f"wrote per-image scores to {out}")
+
+
+def parse_reward_arg(text: str) -> dict:
+    """``name[:weight]`` -> ``{"name", "weight"}``; the part after the last ':' is a weight only
+    if it is a number, so import paths ``pkg.module:attr[:weight]`` work."""
+    name, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return {"name": name, "weight": float(weight)}
+        except ValueError:
+            pass
+    if not text.strip():
+        raise CLIError("--reward got an empty name")
+    return {"name": text, "weight": 1.0}
+
+
+def _reward_spec(args):
+    """The reward spec named by --reward (repeated: a weighted sum) or read from --reward-config."""
+    if args.reward:
+        specs = [parse_reward_arg(text) for text in args.reward]
+        return specs[0] if len(specs) == 1 else {"type": "weighted_sum", "rewards": specs}
+    import yaml
+
+    try:
+        spec = yaml.safe_load(args.reward_config.read_text())
+    except FileNotFoundError:
+        raise CLIError(f"{args.reward_config}: not found") from None
+    except yaml.YAMLError as err:
+        raise CLIError(f"{args.reward_config}: malformed YAML ({getattr(err, 'problem', err)})") from None
+    if isinstance(spec, dict) and "reward" in spec and not {"name", "type"} & set(spec):
+        spec = spec["reward"]
+    if isinstance(spec, list):
+        spec = {"type": "weighted_sum", "rewards": spec}
+    if not isinstance(spec, (str, dict)):
+        raise CLIError(f"{args.reward_config}: expected a reward name, a dict with name/type, a list or a "
+                       "`reward:` key")
+    return spec
+
+
+def _run_reward_score(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from eval.score import list_media, score_media, summarize_scores, write_results
+    from rewards import build_reward
+
+    if args.batch_size < 1 or args.frames < 1:
+        raise CLIError("--batch-size and --frames must be >= 1")
+    source = "--reward" if args.reward else str(args.reward_config)
+    try:
+        reward = build_reward(_reward_spec(args))
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"{source}: {err}") from None
+    items = list_media(args.folder, args.metadata)
+    with _progress(len(items), f"scoring with {reward.name}") as advance:
+        rows = score_media(args.folder, items, reward, batch_size=args.batch_size, num_frames=args.frames,
+                           on_error=lambda message: print(f"align: skipped {message}", file=sys.stderr),
+                           on_progress=advance)
+    out = write_results(rows, args.out or args.folder / "scores.csv")
+    table = Table(title=f"{reward.name}: {args.folder}")
+    for column in ("column", "scored", "NaN", "mean", "std", "min", "max"):
+        table.add_column(column, justify="left" if column == "column" else "right")
+    for column, scored, nan, *stats in summarize_scores(rows):
+        table.add_row(column, str(scored), str(nan), *(f"{v:.4g}" for v in stats))
+    Console().print(table)
+    errors = sum(row["error"] is not None for row in rows)
+    print(f"wrote per-file scores to {out} ({len(rows) - errors} read, {errors} skipped)")
+    if not any(row["score"] is not None for row in rows):
+        raise CLIError(f"nothing could be scored: {errors} of {len(rows)} files skipped, the rest scored NaN")
 
 
 # ------------------------------------------------------------------------------ pretrain-toy

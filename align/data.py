@@ -39,6 +39,8 @@ class PromptConfig:
     file: str | None = doc(None, "Prompt file for training (.txt one per line, or .jsonl with 'prompt'/'caption').")
     eval_split: str = doc("test", "ShapesWorld split of the held-out prompts; ignored if `eval_file` is set.")
     eval_file: str | None = doc(None, "Prompt file of the held-out prompts (same formats as `file`).")
+    eval_per_tag: int | None = doc(64, "Balanced held-out set: this many prompts per ShapesWorld category "
+                                       "(cycled within it; null: the split as is). Ignored with `eval_file`.")
     eval_num_prompts: int | None = doc(None, "Evaluate on the first N held-out prompts (null: all of them).")
     eval_samples_per_prompt: int = doc(1, "Samples per held-out prompt (fixed seeds, so evaluations compare).")
     spread_groups: bool = doc(False, "Shuffle the samples of an epoch before splitting them across ranks, so "
@@ -48,17 +50,20 @@ class PromptConfig:
         for name in ("split", "eval_split"):
             if getattr(self, name) not in ("train", "test"):
                 raise ValueError(f"{name} must be 'train' or 'test', got {getattr(self, name)!r}")
+        if self.eval_per_tag is not None and self.eval_per_tag < 1:
+            raise ValueError("eval_per_tag must be >= 1 (or null for the split as is)")
         if self.eval_num_prompts is not None and self.eval_num_prompts < 1:
             raise ValueError("eval_num_prompts must be >= 1 (or null for all)")
         if self.eval_samples_per_prompt < 1:
             raise ValueError("eval_samples_per_prompt must be >= 1")
 
 
-def load_prompt_items(split: str = "train", file: str | Path | None = None) -> list[dict]:
-    """Prompt dicts ({"prompt": str, "meta": GenEval dict (optional)}) from a file or a ShapesWorld split."""
+def load_prompt_items(split: str = "train", file: str | Path | None = None, per_tag: int | None = None) -> list[dict]:
+    """Prompt dicts ({"prompt": str, "meta": GenEval dict (optional)}) from a file or a ShapesWorld
+    split (`per_tag` items of every category if given)."""
     from .sample import read_prompt_file, shapesworld_prompts
 
-    return read_prompt_file(file) if file else shapesworld_prompts(split)
+    return read_prompt_file(file) if file else shapesworld_prompts(split, per_tag)
 
 
 def derive_seed(*keys: int) -> int:

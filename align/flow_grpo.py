@@ -112,6 +112,8 @@ class GRPOSamplerConfig:
     shift: float = doc(3.0, "Timestep shift s of the sigma schedule.")
     negative_prompt: str = doc("", "Negative prompt of CFG.")
     batch_size: int = doc(8, "Rollouts per forward batch on each rank (also the evaluation batch).")
+    resolution: int | None = doc(None, "Square image side in px of rollouts and evaluation (null: the model's "
+                                       "native size; SD3.5 recipes train at 512).")
 
     def __post_init__(self):
         if self.num_steps < 2 or self.eval_num_steps < 1:
@@ -154,6 +156,9 @@ class FlowGRPOConfig:
     reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward: a registered name, "
                                                "'pkg.module:attr' or a dict with arguments.")
     prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
+    monitor_rewards: list[str | dict] = doc(["shapes_quality"], "Rewards scored on the held-out samples and never "
+                                            "optimised (logged as eval_<name>_mean): one that falls while the "
+                                            "trained reward rises flags reward hacking.")
     group_size: int = doc(24, "Samples per prompt K (a group).")
     groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks.")
     num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
@@ -378,7 +383,8 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
     device = model.device
     sigmas = flow_sigmas(s.num_steps, shift=s.shift, device=device)
     cond = _encode(model, batch.prompts, s.guidance, s.negative_prompt)
-    noise = _initial_noise(cfg, batch, epoch, model.latent_shape(), cfg.share_initial_noise).to(device)
+    noise = _initial_noise(cfg, batch, epoch, model.latent_shape(s.resolution, s.resolution),
+                          cfg.share_initial_noise).to(device)
     trajectories, rewards, extras = [], [], {}
     for start in range(0, len(batch), s.batch_size):
         idx = slice(start, start + s.batch_size)
@@ -487,9 +493,16 @@ def recompute_old_log_probs(model, rollouts: Rollouts, updates: list[Update]) ->
 # ============================================================================= evaluation
 
 
+def _reward_name(spec: str | dict) -> str:
+    return spec if isinstance(spec, str) else str(spec.get("name", spec.get("type", "monitor")))
+
+
 @torch.no_grad()
-def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerator) -> dict[str, float]:
-    """Mean held-out reward (and per-sample reward extras) with the ODE sampler at eval_num_steps.
+def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerator,
+             monitors: dict | None = None) -> dict[str, float]:
+    """Held-out means with the ODE sampler at eval_num_steps: the trained reward ("eval_reward_mean"),
+    its per-sample extras (e.g. "eval_strict_mean"), the monitor rewards ("eval_<name>_mean") and,
+    for ShapesWorld prompts, the per-category strict score ("eval_strict_<tag>").
     Sample i uses seed i, so evaluations of different epochs and runs are paired."""
     from accelerate.utils import gather_object
 
@@ -503,20 +516,30 @@ def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerat
     for start in range(0, len(mine), s.batch_size):
         chunk = mine[start : start + s.batch_size]
         prompts = [item["prompt"] for _, item in chunk]
+        metas = [item.get("meta") for _, item in chunk]
         images = generate(model, prompts, [i for i, _ in chunk], num_steps=s.eval_num_steps,
                           guidance=s.guidance if s.eval_guidance is None else s.eval_guidance, shift=s.shift,
-                          sampler="ode", negative_prompt=s.negative_prompt, batch_size=s.batch_size)
-        out = reward_fn(images.to(model.device), prompts, metadata=[item.get("meta") for _, item in chunk])
+                          sampler="ode", negative_prompt=s.negative_prompt, batch_size=s.batch_size,
+                          resolution=s.resolution)
+        images = images.to(model.device)
+        out = reward_fn(images, prompts, metadata=metas)
         per_sample = {"reward": out.scores.float().cpu()}
         per_sample.update({k: v.float().cpu() for k, v in out.extras.items()
                            if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
-        results += [{k: float(v[j]) for k, v in per_sample.items()} for j in range(len(chunk))]
+        for name, monitor in (monitors or {}).items():
+            per_sample[name] = monitor(images, prompts, metadata=metas).scores.float().cpu()
+        results += [{"tag": (meta or {}).get("tag"), **{k: float(v[j]) for k, v in per_sample.items()}}
+                    for j, meta in enumerate(metas)]
     if accelerator.num_processes > 1:
         results = gather_object(results)
     metrics = {}
-    for key in results[0] if results else []:
+    for key in [k for k in results[0] if k != "tag"] if results else []:
         values = torch.tensor([r.get(key, math.nan) for r in results])
         metrics[f"eval_{key}_mean"] = float(torch.nanmean(values))
+    headline = "strict" if results and "strict" in results[0] else "reward"
+    for tag in dict.fromkeys(r["tag"] for r in results if r["tag"]):
+        metrics[f"eval_{headline}_{tag}"] = float(torch.nanmean(torch.tensor([r[headline] for r in results
+                                                                            if r["tag"] == tag])))
     metrics["eval_num_samples"] = len(results)
     return metrics
 
@@ -680,7 +703,9 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
 
     # ---- data, resume, logging
     train_data = PromptDataset(load_prompt_items(cfg.prompts.split, cfg.prompts.file), seed=cfg.seed)
-    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file)[: cfg.prompts.eval_num_prompts]
+    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,
+                                   cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
+    monitors = {_reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
     start_epoch, global_step = 0, 0
     checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
     if checkpoint is not None:
@@ -705,7 +730,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 # ---- held-out evaluation of the weights after `epoch` epochs
                 if cfg.eval_every and epoch % cfg.eval_every == 0:
                     with eval_weights():
-                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator))
+                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors))
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
@@ -764,7 +789,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     # ---- after training: final held-out evaluation and export
     if cfg.eval_every and start_epoch < cfg.num_epochs:
         with eval_weights():
-            final = evaluate(model, reward_fn, eval_items, cfg, accelerator)
+            final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors)
         metrics.update({f"final_{k}": v for k, v in final.items()})
         if is_main and not cfg.quiet:
             print(f"held-out reward after {cfg.num_epochs} epochs: {final.get('eval_reward_mean', math.nan):.4f}")

@@ -1,10 +1,14 @@
 """Performance benchmarks: print numbers and ratios (speed targets are checked here, not in tests).
 
     python -m eval.benchmarks sampling [--model shapesworld] [--batch 64] [--repeats 5]
+    python -m eval.benchmarks train-step [--model shapesworld] [--batch 16] [--repeats 5]
 
 sampling: wall time to sample a batch at the checkpoint's default settings (prompt encoding,
 rollout, VAE decode), per image; and the rollout's overhead over calling the transformer
 directly the same number of times on the same inputs (ODE and Flow-GRPO SDE steps).
+train-step: one Flow-GRPO training pass (re-score a stored SDE transition with CFG, clipped
+ratio loss, backward into LoRA r 16) against the bare transformer forward + backward on the
+same doubled batch; and the extra cost of the KL term's reference forward.
 Run it on an idle machine: another job on the same cores distorts every number.
 """
 
@@ -85,15 +89,82 @@ def bench_sampling(model_spec: str = "shapesworld", batch: int = 64, repeats: in
     }
 
 
+def bench_train_step(model_spec: str = "shapesworld", batch: int = 16, repeats: int = 5, threads: int = 2) -> dict:
+    from align.losses import clipped_policy_loss, flow_grpo_kl
+    from eval.shapes import prompts
+    from samplers.generate import sample_noise
+    from samplers.models import load_model
+    from samplers.rollout import rescore_step, rollout
+    from samplers.schedules import flow_sigmas
+
+    torch.set_num_threads(threads)
+    model = load_model(model_spec)
+    model.requires_grad_(False)
+    model.add_lora(rank=16, alpha=32)
+    lora = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.requires_grad_(True)
+    d = model.defaults
+    texts = [m["prompt"] for m in prompts("train")][:batch]
+    cond = model.encode_prompt(texts)
+    with torch.no_grad():
+        traj = rollout(model, cond, flow_sigmas(d["num_steps"], shift=d["shift"]), step_types="flow_grpo_sde",
+                       guidance=d["guidance"], initial_noise=sample_noise(list(range(batch)), model.latent_shape()),
+                       generator=torch.Generator().manual_seed(0))
+    step = 1
+    advantages = torch.randn(batch)
+    x2 = torch.cat([traj.latents[:, step]] * 2)
+    sigma2 = torch.full((2 * batch,), float(traj.sigmas[step]) * 1000)
+    embeds, pooled = cond.cfg_pair()
+
+    def bare():
+        out = model.transformer(hidden_states=x2, timestep=sigma2, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, return_dict=False)[0]
+        out.float().square().mean().backward()
+
+    def grpo():
+        new = rescore_step(model, cond, traj, step)
+        loss, _ = clipped_policy_loss(new.log_prob, traj.log_probs[:, step], advantages, 1e-4)
+        loss.backward()
+
+    def grpo_kl():
+        with torch.no_grad(), model.lora_disabled():
+            ref = rescore_step(model, cond, traj, step)
+        new = rescore_step(model, cond, traj, step)
+        loss, _ = clipped_policy_loss(new.log_prob, traj.log_probs[:, step], advantages, 1e-4)
+        (loss + 0.04 * flow_grpo_kl(new.mean, ref.mean, new.noise_scale).mean()).backward()
+
+    runs = {"bare": [], "grpo": [], "grpo_kl": []}
+    fns = {"bare": bare, "grpo": grpo, "grpo_kl": grpo_kl}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):  # interleaved, so slow drifts of the machine hit all alike
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - start)
+    t = {k: statistics.median(v) for k, v in runs.items()}
+    return {"batch": batch, "threads": threads, "bare_s": t["bare"], "grpo_s": t["grpo"], "grpo_kl_s": t["grpo_kl"],
+            "grpo_ratio": t["grpo"] / t["bare"], "grpo_kl_ratio": t["grpo_kl"] / t["bare"]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=["sampling"])
+    parser.add_argument("name", choices=["sampling", "train-step"])
     parser.add_argument("--model", default="shapesworld")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 (sampling), 16 (train-step)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.name == "train-step":
+        r = bench_train_step(args.model, args.batch or 16, args.repeats, args.threads)
+        print(f"one Flow-GRPO training pass, {r['batch']} samples with CFG, LoRA r 16 ({r['threads']} threads):")
+        print(f"  bare transformer forward + backward: {r['bare_s']:.3f} s")
+        print(f"  re-score + clipped loss + backward:  {r['grpo_s']:.3f} s  = {r['grpo_ratio']:.3f}x (goal <= 1.15x)")
+        print(f"  ... + KL (reference forward):        {r['grpo_kl_s']:.3f} s  = {r['grpo_kl_ratio']:.3f}x")
+        return
+    args.batch = args.batch or 64
     result = bench_sampling(args.model, args.batch, args.repeats, args.threads)
     print(f"sampling {result['batch']} images, {result['num_steps']} steps, CFG {result['guidance']} "
           f"({result['threads']} threads):")

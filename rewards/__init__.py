@@ -20,7 +20,10 @@ from rewards.base import (
     registered_rewards,
 )
 from rewards.compose import BaseAndBonus, Ensemble, WeightedSum, zscore
+import rewards.clip  # noqa: F401  registers clip_score, vlm_rm, pickscore, hpsv2, aesthetic (lazy heavy imports)
 from rewards.shapes import SaturationReward, ShapesGenEvalReward, lookup_shapes_metadata, to_uint8_images
+import rewards.vlm  # noqa: F401  (registers the VLM rewards; transformers is imported lazily)
+import rewards.http  # noqa: F401  (registers "http_judge")
 
 __all__ = [
     "BaseAndBonus",

@@ -2,6 +2,9 @@
 
 - "shapes_geneval" (:class:`ShapesGenEvalReward`): ground truth for the toy world. Partial
   credit (Flow-GRPO's training reward) or strict 0/1 (GenEval's accuracy), per image.
+- "shapes_quality" (:class:`ShapesQualityReward`): prompt-blind image quality, the share of
+  pixels a ShapesWorld render could contain. The monitor that must not fall while the
+  verifier is optimised (noise, colour drift and off-palette blotches lower it).
 - "shapes_saturation" (:class:`SaturationReward`): mean HSV saturation. It correlates with
   "there are coloured shapes" on ShapesWorld's grey background, but a policy maximises it by
   painting everything in saturated colour whatever the prompt says: a known-hackable proxy
@@ -20,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eval.shapes import IMAGE_SIZE, TAGS, all_prompts, detect, evaluate
+from eval.shapes import IMAGE_SIZE, TAGS, all_prompts, detect, evaluate, palette_residual
 from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, register_reward
 
-__all__ = ["ShapesGenEvalReward", "SaturationReward", "lookup_shapes_metadata", "to_uint8_images"]
+__all__ = ["ShapesGenEvalReward", "ShapesQualityReward", "SaturationReward", "lookup_shapes_metadata", "to_uint8_images"]
 
 MAX_LISTED_MISSING = 5  # how many prompts without metadata extras lists (the count is exact)
 
@@ -125,6 +128,33 @@ class ShapesGenEvalReward(Reward):
         }
         scores = partial if self.mode == "partial" else strict
         return RewardOutput(scores.clone(), extras)
+
+
+@register_reward("shapes_quality")
+class ShapesQualityReward(Reward):
+    """Share of pixels within ``tolerance`` (RGB units, 0-255) of a colour a ShapesWorld render
+    can hold: the background, a palette colour, or an anti-aliased mix of the two
+    (``eval.shapes.palette_residual``).
+
+    Raw range [0, 1]; clean renders score 1.0. Prompt-blind and not differentiable; images
+    only. extras: "mean_residual" [B] (mean RGB distance, lower is better).
+    """
+
+    name = "shapes_quality"
+    raw_range = (0.0, 1.0)
+    differentiable = False
+    modalities = (IMAGE,)
+    requires_prompts = False
+
+    def __init__(self, tolerance: float = 24.0):
+        if tolerance <= 0:
+            raise ValueError(f"shapes_quality tolerance must be > 0, got {tolerance}")
+        self.tolerance = tolerance
+
+    def score(self, samples: Tensor, prompts=None, **kwargs) -> RewardOutput:
+        residuals = [palette_residual(image) for image in to_uint8_images(samples)]
+        clean = torch.tensor([float((r <= self.tolerance).mean()) for r in residuals])
+        return RewardOutput(clean, {"mean_residual": torch.tensor([float(r.mean()) for r in residuals])})
 
 
 @register_reward("shapes_saturation")

@@ -21,12 +21,13 @@ def sample_noise(seeds: Sequence[int], latent_shape: Sequence[int], device="cpu"
 def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, num_steps: int | None = None,
              guidance: float | None = None, shift: float | None = None, sampler: str = "ode",
              step_params: dict | None = None, negative_prompt: str = "", batch_size: int = 64,
-             progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             resolution: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Samples one image per prompt. Returns float images in [0, 1], [N, 3, H, W] on the CPU.
 
     Defaults for num_steps / guidance / shift come from the checkpoint (`model.defaults`).
     `seeds[i]` fixes sample i's initial noise (default: 0..N-1); stochastic samplers draw their
     step noise from a generator seeded with the batch's first seed.
+    `resolution`: square image side in px (default: the model's native size).
     `progress(n)` is called after each batch with the number of samples done in it.
     """
     prompts = list(prompts)
@@ -42,7 +43,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, 
     guidance = defaults.get("guidance", 1.0) if guidance is None else guidance
     shift = shift or defaults.get("shift", 3.0)
     sigmas = flow_sigmas(num_steps, shift=shift)
-    latent_shape = model.latent_shape()
+    latent_shape = model.latent_shape(resolution, resolution)
     images = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start:start + batch_size]

@@ -86,6 +86,24 @@ def to_rgb_array(image) -> np.ndarray:
     return np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0
 
 
+def _segment_projection(offsets: np.ndarray, directions: np.ndarray, lengths_sq: np.ndarray):
+    """Nearest background-to-colour segment of each offset (pixel - background): ``(best, alpha,
+    distance_sq)``, each ``(N,)``: segment index, position along it in [0, 1], squared distance."""
+    norms_sq = (offsets**2).sum(1)  # (N,)
+    dots = offsets @ directions.T  # (N, K)
+    alpha = np.clip(dots / lengths_sq, 0.0, 1.0)  # (N, K)
+    distance_sq = norms_sq[:, None] - 2 * alpha * dots + alpha**2 * lengths_sq  # (N, K)
+    best = distance_sq.argmin(1)
+    rows = np.arange(best.size)
+    return best, alpha[rows, best], distance_sq[rows, best]
+
+
+def _palette_segments(background: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    bg = np.asarray(background, dtype=np.float32)
+    directions = np.asarray([PALETTE[c] for c in COLORS], dtype=np.float32) - bg  # (K, 3)
+    return bg, directions, (directions**2).sum(1)
+
+
 def classify_pixels(image, background: Sequence[int] = BACKGROUND) -> np.ndarray:
     """Palette index per pixel (0..5, COLORS order) or -1 for background/unknown: ``(H, W)``.
 
@@ -96,22 +114,28 @@ def classify_pixels(image, background: Sequence[int] = BACKGROUND) -> np.ndarray
     most MAX_RESIDUAL away from it.
     """
     rgb = to_rgb_array(image)
-    bg = np.asarray(background, dtype=np.float32)
-    directions = np.asarray([PALETTE[c] for c in COLORS], dtype=np.float32) - bg  # (K, 3)
-    lengths_sq = (directions**2).sum(1)  # (K,)
+    bg, directions, lengths_sq = _palette_segments(background)
     offsets = rgb.reshape(-1, 3) - bg  # (N, 3)
-    norms_sq = (offsets**2).sum(1)  # (N,)
     # alpha >= MIN_ALPHA needs |offset| >= MIN_ALPHA |direction|: skip plain background.
-    candidates = np.flatnonzero(norms_sq >= (MIN_ALPHA**2) * lengths_sq.min())
-    dots = offsets[candidates] @ directions.T  # (M, K)
-    alpha = np.clip(dots / lengths_sq, 0.0, 1.0)  # (M, K)
-    distance_sq = norms_sq[candidates, None] - 2 * alpha * dots + alpha**2 * lengths_sq  # (M, K)
-    best = distance_sq.argmin(1)  # (M,)
-    rows = np.arange(best.size)
-    is_object = (alpha[rows, best] >= MIN_ALPHA) & (distance_sq[rows, best] <= MAX_RESIDUAL**2)
+    candidates = np.flatnonzero((offsets**2).sum(1) >= (MIN_ALPHA**2) * lengths_sq.min())
+    best, alpha, distance_sq = _segment_projection(offsets[candidates], directions, lengths_sq)
+    is_object = (alpha >= MIN_ALPHA) & (distance_sq <= MAX_RESIDUAL**2)
     labels = np.full(rgb.shape[:2], -1, dtype=np.int64)
     labels.reshape(-1)[candidates[is_object]] = best[is_object]
     return labels
+
+
+def palette_residual(image, background: Sequence[int] = BACKGROUND) -> np.ndarray:
+    """RGB distance of every pixel to the nearest background-to-palette-colour segment, ``(H, W)``.
+
+    A ShapesWorld render (flat colours, anti-aliased edges) is ~0 everywhere; noise, colour
+    drift, blotches and off-palette artefacts raise it. An image-quality measure that knows
+    nothing about the prompt.
+    """
+    rgb = to_rgb_array(image)
+    bg, directions, lengths_sq = _palette_segments(background)
+    _, _, distance_sq = _segment_projection(rgb.reshape(-1, 3) - bg, directions, lengths_sq)
+    return np.sqrt(np.maximum(distance_sq, 0.0)).reshape(rgb.shape[:2])
 
 
 # ----------------------------------------------------------------------------- components
