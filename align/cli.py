@@ -233,6 +233,16 @@ def _add_pretrain(sub) -> None:
     add_arguments(p)
     p.set_defaults(func=_run_pretrain)
 
+    # `align train-shapes-clip`: the ShapesWorld CLIP reward model (rewards/shapes_clip.py)
+    from rewards.shapes_clip import add_arguments as add_shapes_clip_arguments, main as train_shapes_clip
+
+    q = sub.add_parser("train-shapes-clip", help="train the ShapesWorld CLIP reward model from scratch (CPU, ~15 min)",
+                       description="Train a tiny transformers CLIPModel contrastively (with hard negatives) on "
+                                   "ShapesWorld renders of train-split prompts, then report its held-out "
+                                   "preference accuracy. Seeded; the defaults are the shipped model's settings.")
+    add_shapes_clip_arguments(q)
+    q.set_defaults(func=train_shapes_clip)
+
 
 def _run_pretrain(args) -> None:
     from .pretrain_toy import main
@@ -293,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_score(sub)
     _add_pretrain(sub)
+    from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
+
+    shapes_vlm = sub.add_parser(
+        "train-shapes-vlm", help="train the ShapesWorld captioning VLM (shapes_prompt_echo / shapes_yes_no; CPU, ~20 min)",
+        description="Train the tiny Qwen2-VL captioner behind the shapes_prompt_echo and shapes_yes_no rewards "
+                    "from scratch on ShapesWorld renders of train-split prompts. Seeded; the defaults are the "
+                    "shipped model's settings.")
+    add_shapes_vlm_arguments(shapes_vlm)
+    shapes_vlm.set_defaults(func=train_shapes_vlm)
     _add_train(sub)
     return parser
 

@@ -28,12 +28,9 @@ would have, and P ranks process the same global batch as one rank would.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import importlib.util
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +47,10 @@ from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
 from .losses import clipped_policy_loss, flow_grpo_kl
-from .metrics import MetricsLogger, TrainingProgress
+from .metrics import MetricsLogger, TrainingProgress, write_summary
+from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
+                      reference_policy, resolve_attention_backend, resolve_mixed_precision, setup_trainable,
+                      transformer_as)
 
 __all__ = [
     "FlowGRPOConfig",
@@ -68,8 +68,6 @@ __all__ = [
 ]
 
 VARIANTS = ("flow_grpo", "fast", "dance")
-SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 # Paper defaults that differ per variant; a null config field takes these (ALGORITHMS.md 1-2).
 VARIANT_DEFAULTS = {
     "flow_grpo": dict(adv_std="global", adv_eps=1e-4, clip_range=1e-4, kl_beta=0.04, share_initial_noise=False),
@@ -81,22 +79,6 @@ _NOISE, _STEP_NOISE, _WINDOW, _ORDER, _STEPS = 1, 2, 3, 4, 5
 
 
 # ============================================================================= config
-
-
-@dataclass
-class LoraSettings:
-    """LoRA on the transformer (peft), or a full fine-tune with rank 0."""
-
-    rank: int = doc(32, "LoRA rank; 0 fine-tunes every transformer weight (reference = a frozen copy).")
-    alpha: int | None = doc(64, "LoRA alpha (the update is scaled by alpha / rank); null = 2 * rank.")
-    targets: list[str] = doc(SD3_LORA_TARGETS, "Module name suffixes that get LoRA (Flow-GRPO: attention q/k/v/out "
-                                               "and the add_* context projections).")
-
-    def __post_init__(self):
-        if self.rank < 0:
-            raise ValueError("lora.rank must be >= 0 (0 = full fine-tune)")
-        if self.rank and not self.targets:
-            raise ValueError("lora.targets must name at least one module")
 
 
 @dataclass
@@ -154,7 +136,9 @@ class FlowGRPOConfig:
                                     "or a hub id.")
     lora: LoraSettings = doc(LoraSettings(), "LoRA settings (rank 0 = full fine-tune).")
     reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward: a registered name, "
-                                               "'pkg.module:attr' or a dict with arguments.")
+                                               "'pkg.module:attr' or a dict with arguments. A reward model on "
+                                               "its own GPU: {name: pickscore, device: 'cuda:1'}; a judge "
+                                               "behind an endpoint: {name: http_judge, base_url: ...}.")
     prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
     monitor_rewards: list[str | dict] = doc(["shapes_quality"], "Rewards scored on the held-out samples and never "
                                             "optimised (logged as eval_<name>_mean): one that falls while the "
@@ -170,6 +154,9 @@ class FlowGRPOConfig:
                                          "sigma is tiny and its likelihood overflows).")
     shuffle_timesteps: bool = doc(False, "Visit the trained steps in a random order within each micro-batch.")
     share_initial_noise: bool | None = doc(None, "Samples of a group start from the same noise (null: dance only).")
+    antithetic_noise: bool = doc(False, "SDE steps give sample pairs of a group opposite noise (z, -z): antithetic "
+                                        "variates that cancel much of the policy gradient's variance, most with "
+                                        "share_initial_noise. Needs even group_size and sampler.batch_size.")
     adv_std: Literal["global", "group", "none"] | None = doc(
         None, "Advantage std: 'global' batch std (Flow-GRPO), 'group' per prompt (DanceGRPO), 'none'.")
     adv_eps: float | None = doc(None, "Added to the advantage std (null: 1e-4, dance 1e-8).")
@@ -193,6 +180,8 @@ class FlowGRPOConfig:
     output_dir: str = doc("runs/flow_grpo", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
     checkpoint_every: int = doc(10, "Save a checkpoint every N epochs (and always at the end); 0 = end only.")
     keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
+    eval_grid_size: int = doc(24, "Held-out samples (spread over the set) saved as a captioned grid at every "
+                                  "evaluation, OUTPUT_DIR/samples/epoch_NNNN.png; 0 = none.")
     eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
     resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc(
@@ -202,6 +191,8 @@ class FlowGRPOConfig:
         "sdpa", "'sdpa' (torch) or 'xformers' (only with the package and CUDA; otherwise warns and uses sdpa).")
     find_unused_parameters: bool = doc(False, "DDP find_unused_parameters (needed if some trainable weights get "
                                               "no gradient in a forward).")
+    wandb_project: str | None = doc(None, "Also log metrics to this Weights & Biases project (needs `pip install "
+                                          "wandb`; CSV, TensorBoard and the PNG curve are always written).")
     quiet: bool = doc(False, "No per-epoch summary line on the console.")
 
     def __post_init__(self):
@@ -220,6 +211,9 @@ class FlowGRPOConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
+        if self.antithetic_noise and (self.group_size % 2 or self.sampler.batch_size % 2 or self.prompts.spread_groups):
+            raise ValueError("antithetic_noise pairs neighbouring samples of a group: group_size and "
+                             "sampler.batch_size must be even and prompts.spread_groups false")
 
 
 def resolve_variant_defaults(cfg: FlowGRPOConfig) -> FlowGRPOConfig:
@@ -229,99 +223,6 @@ def resolve_variant_defaults(cfg: FlowGRPOConfig) -> FlowGRPOConfig:
 
 
 # ============================================================================= setup helpers
-
-
-def resolve_mixed_precision(name: str, cuda_available: bool | None = None) -> str:
-    """accelerate's mixed_precision: fp16/bf16 only with CUDA (on a CPU they are slower and fp16
-    kernels are missing), else a warning and 'no' (fp32)."""
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if name in ("fp32", "no"):
-        return "no"
-    if name not in ("fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {name!r}")
-    if not cuda:
-        warnings.warn(f"mixed_precision={name} needs CUDA; training in fp32 on the CPU", stacklevel=2)
-        return "no"
-    return name
-
-
-def resolve_attention_backend(name: str, cuda_available: bool | None = None) -> str:
-    """'sdpa' or 'xformers'; xformers only when it is installed AND CUDA is available (its kernels
-    raise on a CPU), else a warning and 'sdpa'."""
-    if name == "sdpa":
-        return "sdpa"
-    if name != "xformers":
-        raise ValueError(f"attention_backend must be 'sdpa' or 'xformers', got {name!r}")
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    installed = importlib.util.find_spec("xformers") is not None
-    if installed and cuda:
-        return "xformers"
-    missing = " and ".join(what for what, ok in (("the xformers package", installed), ("CUDA", cuda)) if not ok)
-    warnings.warn(f"attention_backend='xformers' needs {missing}; using torch SDPA instead", stacklevel=2)
-    return "sdpa"
-
-
-def _make_accelerator(cfg: FlowGRPOConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # cpu=True without CUDA: otherwise `accelerate launch --multi_gpu` on a CPU machine runs
-    # every rank as its own single-process job (ENVIRONMENT.md).
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                       kwargs_handlers=[DistributedDataParallelKwargs(
-                           find_unused_parameters=cfg.find_unused_parameters)])
-
-
-def _load_model(spec: str, device: torch.device):
-    if spec.startswith("toy:"):  # a freshly initialised toy model of the named size (tests, smoke runs)
-        from samplers.models.shapesworld import toy_components
-
-        return toy_components(spec.removeprefix("toy:"), seed=0).to(device)
-    from samplers.models import load_model
-
-    return load_model(spec, device=device)
-
-
-def _setup_trainable(model, cfg: FlowGRPOConfig, weight_dtype: torch.dtype):
-    """Make LoRA (or the whole transformer) trainable; returns (named trainable params, reference
-    transformer for the full fine-tune's KL or None)."""
-    model.requires_grad_(False).eval()
-    reference = None
-    if cfg.lora.rank > 0:
-        if weight_dtype != torch.float32:
-            model.transformer.to(weight_dtype)
-        model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.targets)
-        trainable = {n: p for n, p in model.transformer.named_parameters() if "lora_" in n}
-        for p in trainable.values():
-            p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
-            p.requires_grad_(True)
-    else:
-        if cfg.kl_beta:
-            reference = copy.deepcopy(model.transformer).to(weight_dtype).requires_grad_(False).eval()
-        model.transformer.requires_grad_(True)
-        trainable = dict(model.transformer.named_parameters())
-    for module in (model.vae, model.text_encoder, model.text_encoder_2, model.text_encoder_3):
-        if module is not None and weight_dtype != torch.float32:
-            module.to(weight_dtype)
-    return trainable, reference
-
-
-@contextlib.contextmanager
-def _transformer_as(model, module):
-    """Run the adapter's forward passes through `module` (the DDP-wrapped or the reference
-    transformer) inside the block; the adapter keeps the raw module otherwise."""
-    raw = model.transformer
-    model.transformer = module
-    try:
-        yield
-    finally:
-        model.transformer = raw
-
-
-def _reference_policy(model, reference):
-    """Flow-GRPO's reference: the base model with LoRA disabled, or the frozen copy (full FT)."""
-    return model.lora_disabled() if reference is None else _transformer_as(model, reference)
 
 
 def epoch_step_schedule(cfg: FlowGRPOConfig, epoch: int) -> tuple[list[str], dict, list[int]]:
@@ -393,7 +294,8 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
         generator = torch.Generator(device=device).manual_seed(
             derive_seed(cfg.seed, epoch, _STEP_NOISE, int(batch.sample_ids[start])))
         traj = rollout(model, cond.index(idx), sigmas, step_types=step_types, step_params=step_params,
-                       guidance=s.guidance, initial_noise=noise[idx], generator=generator)
+                       guidance=s.guidance, initial_noise=noise[idx], generator=generator,
+                       antithetic=cfg.antithetic_noise)
         images = model.decode(traj.final)
         out = reward_fn(images, batch.prompts[idx], metadata=batch.metadata[idx], group_ids=batch.group_ids[idx])
         trajectories.append(traj)
@@ -499,20 +401,24 @@ def _reward_name(spec: str | dict) -> str:
 
 @torch.no_grad()
 def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerator,
-             monitors: dict | None = None) -> dict[str, float]:
+             monitors: dict | None = None, grid_path: Path | None = None) -> dict[str, float]:
     """Held-out means with the ODE sampler at eval_num_steps: the trained reward ("eval_reward_mean"),
     its per-sample extras (e.g. "eval_strict_mean"), the monitor rewards ("eval_<name>_mean") and,
     for ShapesWorld prompts, the per-category strict score ("eval_strict_<tag>").
-    Sample i uses seed i, so evaluations of different epochs and runs are paired."""
+    Sample i uses seed i, so evaluations of different epochs and runs are paired. With
+    `grid_path`, the main process saves `cfg.eval_grid_size` of its samples, captioned with the
+    prompt and the headline score, as one PNG."""
     from accelerate.utils import gather_object
 
+    from eval.grid import save_caption_grid
     from samplers.generate import generate
 
     s = cfg.sampler
     repeats = cfg.prompts.eval_samples_per_prompt
     samples = [(index, items[index // repeats]) for index in range(len(items) * repeats)]  # (seed, item)
     mine = samples[accelerator.process_index :: accelerator.num_processes]
-    results = []
+    every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
+    results, grid_images, grid_index = [], [], []
     for start in range(0, len(mine), s.batch_size):
         chunk = mine[start : start + s.batch_size]
         prompts = [item["prompt"] for _, item in chunk]
@@ -528,8 +434,16 @@ def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerat
                            if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
         for name, monitor in (monitors or {}).items():
             per_sample[name] = monitor(images, prompts, metadata=metas).scores.float().cpu()
+        for j in range(len(chunk)):
+            if every and (start + j) % every == 0 and len(grid_images) < cfg.eval_grid_size:
+                grid_images.append(images[j].cpu())
+                grid_index.append(len(results) + j)
         results += [{"tag": (meta or {}).get("tag"), **{k: float(v[j]) for k, v in per_sample.items()}}
                     for j, meta in enumerate(metas)]
+    if grid_path is not None and grid_images and accelerator.is_main_process:
+        key = "strict" if "strict" in results[0] else "reward"
+        captions = [f"{key} {results[i][key]:.2f}: {mine[i][1]['prompt']}" for i in grid_index]
+        save_caption_grid(torch.stack(grid_images), captions, grid_path, ncol=6)
     if accelerator.num_processes > 1:
         results = gather_object(results)
     metrics = {}
@@ -653,9 +567,9 @@ def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantage
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
             kl = torch.zeros(len(mb), device=accelerator.device)  # [b]
             if cfg.kl_beta:
-                with torch.no_grad(), _reference_policy(model, reference):
+                with torch.no_grad(), reference_policy(model, reference):
                     ref = rescore_step(model, cond, traj, i)
-            with _transformer_as(model, policy):
+            with transformer_as(model, policy):
                 new = rescore_step(model, cond, traj, i)  # log p of the stored transition, with grad
             policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
             if cfg.kl_beta:
@@ -678,21 +592,18 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     from rewards import build_reward
 
     cfg = resolve_variant_defaults(cfg)
-    accelerator = _make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
     is_main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
     # ---- model, reward, trainable parameters, optimizer
-    model = model if model is not None else _load_model(cfg.model, accelerator.device)
+    model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
     model.to(accelerator.device)
     reward_fn = reward if reward is not None else build_reward(cfg.reward)
-    trainable, reference = _setup_trainable(model, cfg, weight_dtype)
-    if resolve_attention_backend(cfg.attention_backend) == "xformers":
-        model.transformer.enable_xformers_memory_efficient_attention()
-    if cfg.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=bool(cfg.kl_beta))
+    configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(trainable.values(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
     # only the trainable module goes through prepare (DDP); the adapter keeps the raw transformer
@@ -716,7 +627,8 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
         if checkpoint is not None and not cfg.quiet:
             print(f"resuming from {checkpoint} (epoch {start_epoch} of {cfg.num_epochs})")
     logger = MetricsLogger(out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
-                           title=f"{cfg.variant} on {cfg.model}", enabled=is_main)
+                           title=f"{cfg.variant} on {cfg.model}", enabled=is_main, wandb_project=cfg.wandb_project,
+                           run_config=dataclasses.asdict(cfg))
     metrics: dict[str, Any] = {}
     last_saved = start_epoch - 1 if checkpoint is not None else None
     completed, dirty = start_epoch - 1, False  # last finished epoch; weights changed since then?
@@ -730,7 +642,8 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 # ---- held-out evaluation of the weights after `epoch` epochs
                 if cfg.eval_every and epoch % cfg.eval_every == 0:
                     with eval_weights():
-                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors))
+                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
+                                                grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
@@ -789,13 +702,14 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     # ---- after training: final held-out evaluation and export
     if cfg.eval_every and start_epoch < cfg.num_epochs:
         with eval_weights():
-            final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors)
+            final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
+                             grid_path=out_dir / "samples" / f"epoch_{cfg.num_epochs:04d}.png")
         metrics.update({f"final_{k}": v for k, v in final.items()})
-        if is_main and not cfg.quiet:
-            print(f"held-out reward after {cfg.num_epochs} epochs: {final.get('eval_reward_mean', math.nan):.4f}")
+        logger.log(cfg.num_epochs, final)  # an evaluation-only row: the weights after the last epoch
     if is_main:
         _export_final(model, cfg, ema)
         logger.close()
+        write_summary(logger.rows, out_dir / "summary.md", f"{cfg.variant} on {cfg.model}", echo=not cfg.quiet)
     accelerator.wait_for_everyone()
     metrics["last_checkpoint_epoch"] = last_saved
     return metrics

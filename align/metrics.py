@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "TrainingProgress", "read_metrics_csv", "plot_reward_curve", "METRICS_CSV"]
+__all__ = ["MetricsLogger", "TrainingProgress", "read_metrics_csv", "plot_reward_curve", "held_out_summary",
+           "write_summary", "METRICS_CSV"]
 
 METRICS_CSV = "metrics.csv"
 REWARD_PNG = "reward_curve.png"
@@ -107,22 +108,68 @@ def plot_reward_curve(rows: list[dict[str, Any]], out: str | Path, title: str = 
     return out
 
 
+def held_out_summary(rows: list[dict[str, Any]], prefix: str = "eval_") -> list[tuple[str, float, float]]:
+    """(metric, first evaluation, last evaluation) for every `prefix*` metric of the run's rows
+    (e.g. held-out strict accuracy before and after training); [] with fewer than 2 evaluations."""
+    evals = [r for r in rows if any(k.startswith(prefix) for k in r)]
+    if len(evals) < 2:
+        return []
+    first, last = evals[0], evals[-1]
+    return [(k.removeprefix(prefix), first[k], last[k]) for k in first
+            if k.startswith(prefix) and k in last and isinstance(first[k], (int, float)) and k != f"{prefix}num_samples"]
+
+
+def write_summary(rows: list[dict[str, Any]], out: str | Path, title: str = "", echo: bool = True) -> Path | None:
+    """held_out_summary as a Markdown table (OUTPUT_DIR/summary.md); printed too with rich if `echo`."""
+    table = held_out_summary(rows)
+    if not table:
+        return None
+    start = next(r["epoch"] for r in rows if any(k.startswith("eval_") for k in r))
+    end = [r["epoch"] for r in rows if any(k.startswith("eval_") for k in r)][-1]
+    lines = [f"| held-out metric | epoch {start} | epoch {end} | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" for name, a, b in table]
+    out = Path(out)
+    text = (f"# {title}\n\n" if title else "") + "\n".join(lines) + "\n"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    if not echo:
+        return out
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        rich_table = Table(title=title or "held-out evaluation")
+        for column in ("metric", f"epoch {start}", f"epoch {end}", "change"):
+            rich_table.add_column(column, justify="left" if column == "metric" else "right")
+        for name, a, b in table:
+            rich_table.add_row(name, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}")
+        Console(stderr=False).print(rich_table)
+    except ImportError:  # rich is a dependency, but the Markdown file is what matters
+        print(text)
+    return out
+
+
 class MetricsLogger:
     """Writes per-epoch metrics to OUTPUT_DIR/metrics.csv (+ tensorboard/, reward_curve.png).
 
     keep_through_epoch: rows of epochs <= this are kept from an existing CSV (resume); None
     starts a fresh CSV. tensorboard: log there too if `torch.utils.tensorboard` imports.
     plot_every: redraw the PNG every N logged epochs (and at close); 0 disables it.
+    wandb_project: also log to Weights & Biases under this project if `wandb` is installed (a
+    warning otherwise); the run id is kept in OUTPUT_DIR/wandb_id so a resumed run continues it.
     """
 
     def __init__(self, output_dir: str | Path, keep_through_epoch: int | None = None, tensorboard: bool = True,
-                 plot_every: int = 1, title: str = "", enabled: bool = True):
+                 plot_every: int = 1, title: str = "", enabled: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.csv_path = self.output_dir / METRICS_CSV
         self.plot_every, self.title = plot_every, title
         self.rows: list[dict[str, Any]] = []
         self.writer = None
+        self.wandb = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +184,8 @@ class MetricsLogger:
             if SummaryWriter is not None:
                 purge = None if keep_through_epoch is None else keep_through_epoch + 1
                 self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge)
+        if wandb_project:
+            self.wandb = _start_wandb(wandb_project, self.output_dir, title, run_config)
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         """Append epoch `epoch`'s row (replacing an existing row of the same epoch)."""
@@ -150,6 +199,8 @@ class MetricsLogger:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, epoch)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(epoch))
         if self.plot_every and len(self.rows) % self.plot_every == 0:
             self.plot()
 
@@ -166,6 +217,27 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(project: str, output_dir: Path, name: str, config: dict | None):
+    """A wandb run that a resumed training continues (same id), or None with a warning."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("wandb") is None:
+        warnings.warn("wandb_project is set but wandb is not installed (pip install wandb); logging to "
+                      "metrics.csv and TensorBoard only", stacklevel=3)
+        return None
+    import wandb
+
+    id_file = output_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", name=name or None, config=config,
+                      dir=str(output_dir))
 
 
 def _plain(value: Any) -> Any:

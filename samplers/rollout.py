@@ -238,6 +238,13 @@ def _params_for(name: str, step_params: dict | None) -> dict:
     return {} if name == "ode" else dict(step_params)
 
 
+def _antithetic_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """[B, *latent] fp32 noise: z for even rows, -z for the odd row after each."""
+    gen_device = generator.device if generator is not None else x.device
+    z = torch.randn((x.shape[0] // 2, *x.shape[1:]), generator=generator, device=gen_device, dtype=torch.float32)
+    return torch.stack([z, -z], dim=1).reshape(x.shape).to(x.device)
+
+
 def _call_step(
     name: str,
     params: dict,
@@ -299,6 +306,7 @@ def rollout(
     store_means: bool = False,
     store_device: torch.device | str | None = None,
     reduction: str = "mean",
+    antithetic: bool = False,
     callback: Callable[[int, Tensor, Tensor, StepOutput], None] | None = None,
 ) -> Trajectory:
     """Sample B chains through `sigmas` and record every transition.
@@ -315,6 +323,10 @@ def rollout(
     grad: run with autograd (else under torch.no_grad()).
     store_means: keep every transition mean ([B, S, *latent], memory!).
     store_device: where latents are kept (default: the model's device).
+    antithetic: stochastic steps draw z for samples 0, 2, 4, ... and use -z for 1, 3, 5, ...
+      (B even). Every chain keeps its exact distribution and log-probs; a pair that starts from
+      the same state explores opposite directions (antithetic variates), which cancels the
+      even-order part of the reward in a group's policy gradient.
     callback(i, x, v, out): called after step i with its input, velocity and StepOutput.
     """
     device = torch.device(model.device)
@@ -338,14 +350,17 @@ def rollout(
         x = _initial_noise(shape, device, generator, group_size, share_initial_noise)
     store = device if store_device is None else torch.device(store_device)
 
+    if antithetic and x.shape[0] % 2:
+        raise ValueError(f"antithetic step noise pairs samples: the batch size must be even, got {x.shape[0]}")
     sigma_values = sigmas.tolist()  # the one host-device sync
     sigma_vecs = sigmas[:-1, None].expand(-1, x.shape[0])  # [S, B] views for the network
     latents, log_probs, means = [x.to(store)], [], []
     with torch.set_grad_enabled(grad):
         for i in range(num_steps):
+            noise = _antithetic_noise(x, generator) if antithetic and types[i] != "ode" else None
             v, out = _call_step(
                 types[i], dict(params[i]), model, cond, x, sigma_vecs[i], sigma_values[i], sigma_values[i + 1],
-                guidance, generator=generator, reduction=reduction,
+                guidance, noise=noise, generator=generator, reduction=reduction,
             )
             if callback is not None:
                 callback(i, x, v, out)

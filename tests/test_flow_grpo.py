@@ -99,7 +99,12 @@ def test_one_epoch_of_each_variant_updates_every_lora_weight(tmp_path, variant):
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "final_ema" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "reward_curve.png").is_file()
-    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0]
+    rows = read_metrics_csv(run / "metrics.csv")
+    # epoch 0's row, then the final evaluation's row (the weights after 1 epoch)
+    assert [r["epoch"] for r in rows] == [0, 1] and "reward_mean" not in rows[1]
+    assert rows[1]["eval_reward_mean"] == pytest.approx(metrics["final_eval_reward_mean"])
+    assert (run / "summary.md").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
     name, saved = load_any_config(run / "config.yaml")
     assert name == "flow_grpo" and saved == resolve_variant_defaults(cfg)
 
@@ -262,7 +267,8 @@ def test_shapes_yaml_loads_and_names_its_command():
 
 
 @pytest.mark.parametrize("bad", [dict(group_size=1), dict(variant="fast", window_size=6),
-                                 dict(timestep_fraction=0.0), dict(variant="slow")])
+                                 dict(timestep_fraction=0.0), dict(variant="slow"),
+                                 dict(antithetic_noise=True, group_size=3)])
 def test_config_rejects_bad_values(bad):
     from align.config import ConfigError
 

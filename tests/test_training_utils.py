@@ -208,3 +208,15 @@ def test_tensorboard_is_used_when_importable(tmp_path, monkeypatch):
     logger.log(5, {"reward_mean": 0.25, "note": "text is not a scalar"})
     logger.close()
     assert calls == [("init", "tensorboard", 5), ("reward_mean", 0.25, 5), ("close",)]
+
+
+def test_held_out_summary_compares_first_and_last_evaluation(tmp_path):
+    from align.metrics import held_out_summary, write_summary
+
+    rows = [{"epoch": 0, "eval_strict_mean": 0.4, "eval_num_samples": 8, "reward_mean": 0.1},
+            {"epoch": 1, "reward_mean": 0.2},
+            {"epoch": 2, "eval_strict_mean": 0.55, "eval_num_samples": 8}]
+    assert held_out_summary(rows) == [("strict_mean", 0.4, 0.55)]
+    assert held_out_summary(rows[:2]) == []
+    path = write_summary(rows, tmp_path / "summary.md", "demo", echo=False)
+    assert "| strict_mean | 0.400 | 0.550 | +0.150 |" in path.read_text()
