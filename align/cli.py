@@ -4,6 +4,7 @@
     align score FOLDER [--reward NAME[:WEIGHT] ... | --reward-config YAML] [--out results.csv|.jsonl]
     align pretrain-toy [--out DIR]
     align train CONFIG [key=value ...] [--resume]
+    align rollout CONFIG [key=value ...]      (offline store of scored reference samples)
 
 Bad input (missing files, malformed YAML or JSONL, wrong image sizes, empty prompt lists)
 ends with a one-line `align: error: ...` and exit code 2, not a traceback.
@@ -233,15 +234,6 @@ def _add_pretrain(sub) -> None:
     add_arguments(p)
     p.set_defaults(func=_run_pretrain)
 
-    # `align train-shapes-clip`: the ShapesWorld CLIP reward model (rewards/shapes_clip.py)
-    from rewards.shapes_clip import add_arguments as add_shapes_clip_arguments, main as train_shapes_clip
-
-    q = sub.add_parser("train-shapes-clip", help="train the ShapesWorld CLIP reward model from scratch (CPU, ~15 min)",
-                       description="Train a tiny transformers CLIPModel contrastively (with hard negatives) on "
-                                   "ShapesWorld renders of train-split prompts, then report its held-out "
-                                   "preference accuracy. Seeded; the defaults are the shipped model's settings.")
-    add_shapes_clip_arguments(q)
-    q.set_defaults(func=train_shapes_clip)
 
 
 def _run_pretrain(args) -> None:
@@ -250,9 +242,37 @@ def _run_pretrain(args) -> None:
     main(args)
 
 
+# ------------------------------------------------------------------------------ rollout
+def _add_rollout(sub) -> None:
+    from .config import describe_config
+    from .rollout_store import RolloutConfig
+
+    p = sub.add_parser("rollout", help="sample and score K images per prompt into an offline store (for GDRO)",
+                       description="Sample K images per prompt with the reference model, score them with every "
+                                   "configured reward and write a sharded, checksummed store. Run it again on "
+                                   "the same config to finish a store after a crash (finished shards are kept).",
+                       epilog="example:\n  align rollout configs/shapes/rollout.yaml num_groups=32\n\n"
+                              "config keys (YAML or key=value):\n" + describe_config(RolloutConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="rollout YAML, e.g. configs/shapes/rollout.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. group_size=6")
+    p.set_defaults(func=_run_rollout)
+
+
+def _run_rollout(args) -> None:
+    from .config import load_config
+    from .rollout_store import RolloutConfig, build_store, store_summary
+
+    cfg = load_config(RolloutConfig, args.config, args.overrides)
+    store = build_store(cfg)
+    summary = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in store_summary(store).items())
+    print(f"rollout store {store.root}: {summary}")
+
+
 # ------------------------------------------------------------------------------ train
 # algorithm name (the YAML's `algorithm:` key) -> module with `train(cfg)`; one row per trainer
-TRAINERS = {"flow_grpo": "align.flow_grpo"}
+TRAINERS = {"flow_grpo": "align.flow_grpo", "crd": "align.crd", "gdro": "align.gdro"}
 
 TRAIN_EXAMPLES = """examples:
   align train configs/shapes/flow_grpo.yaml
@@ -303,15 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_score(sub)
     _add_pretrain(sub)
-    from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
-
-    shapes_vlm = sub.add_parser(
-        "train-shapes-vlm", help="train the ShapesWorld captioning VLM (shapes_prompt_echo / shapes_yes_no; CPU, ~20 min)",
-        description="Train the tiny Qwen2-VL captioner behind the shapes_prompt_echo and shapes_yes_no rewards "
-                    "from scratch on ShapesWorld renders of train-split prompts. Seeded; the defaults are the "
-                    "shipped model's settings.")
-    add_shapes_vlm_arguments(shapes_vlm)
-    shapes_vlm.set_defaults(func=train_shapes_vlm)
+    _add_rollout(sub)
     _add_train(sub)
     return parser
 

@@ -6,3 +6,5 @@ key can name any config registered here. Add each new algorithm module below.
 
 from . import sample  # noqa: F401  (registers "sample")
 from . import flow_grpo  # noqa: F401  (registers "flow_grpo")
+from . import crd  # noqa: F401  (registers "crd")
+from . import gdro  # noqa: F401  (registers "gdro", and "rollout" via align.rollout_store)

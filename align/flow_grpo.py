@@ -149,6 +149,8 @@ class FlowGRPOConfig:
     sampler: GRPOSamplerConfig = doc(GRPOSamplerConfig(), "Rollout and evaluation sampling.")
     variant: Literal["flow_grpo", "fast", "dance"] = doc("flow_grpo", "flow_grpo | fast (SDE window) | dance.")
     window_size: int = doc(2, "fast: SDE window length (2-3 steps in the first half of the schedule).")
+    window_range: Literal["first_half", "all"] = doc("first_half", "fast: where the window may start: the first "
+                                                     "half of the steps (the paper) or anywhere but the last step.")
     step_fraction: float = doc(0.6, "dance: fraction of the T steps trained, drawn at random per update.")
     timestep_fraction: float = doc(0.99, "flow_grpo: train the first int(T * fraction) steps (the last step's "
                                          "sigma is tiny and its likelihood overflows).")
@@ -232,7 +234,10 @@ def epoch_step_schedule(cfg: FlowGRPOConfig, epoch: int) -> tuple[list[str], dic
         return window_step_types(T, None, "dance_sde"), {"eta": cfg.sampler.eta}, list(range(T))
     params = {"noise_level": cfg.sampler.noise_level}
     if cfg.variant == "fast":
-        start, end = random_window(T, cfg.window_size, derive_seed(cfg.seed, epoch, _WINDOW))
+        if cfg.window_range == "all":  # the last step (sigma -> 0) is never an SDE step
+            start, end = random_window(T - 1, cfg.window_size, derive_seed(cfg.seed, epoch, _WINDOW), first_half=False)
+        else:
+            start, end = random_window(T, cfg.window_size, derive_seed(cfg.seed, epoch, _WINDOW))
         return window_step_types(T, (start, end)), params, list(range(start, end))
     return window_step_types(T, None), params, list(range(max(1, int(T * cfg.timestep_fraction))))
 
