@@ -235,7 +235,6 @@ def _add_pretrain(sub) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
-
 def _run_pretrain(args) -> None:
     from .pretrain_toy import main
 
@@ -315,6 +314,144 @@ def _run_train(args) -> None:
     importlib.import_module(TRAINERS[name]).train(cfg)
 
 
+# ------------------------------------------------------------------------------ eval
+EVAL_EXAMPLES = """examples:
+  align eval                                               # GenEval-style on ShapesWorld held-out prompts
+  align eval --lora runs/shapes/flow_grpo/final_ema --compare-base --benchmark geneval --benchmark dense
+  align eval --lora runs/x/final_ema --compare-base --optimised-reward shapes_saturation --monitor-run runs/x
+  align eval --model /sd35 --prompts geneval/evaluation_metadata.jsonl --detector my_pkg.det:detect
+  align eval --model /sd35-trained --compare /sd35 --benchmark dense --captions dense.jsonl \\
+      --judge http:http://judge:8000/v1@Qwen/Qwen2.5-VL-7B-Instruct
+"""
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="benchmarks (GenEval-, DenseAlignBench-style) on one or two checkpoints -> report",
+                       description="Sample a checkpoint (and a second with --compare) over benchmarks and write a "
+                                   "report folder: metrics.json, summary.md, index.html, tables/, grids/. Rerun the "
+                                   "same command after an interruption: finished samples and judgments are kept.",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", action="append", help="geneval (default) and/or dense; repeatable")
+    p.add_argument("--model", default="shapesworld", help="checkpoint A: shapesworld (default), toy:test, a diffusers "
+                   "folder or hub id")
+    p.add_argument("--lora", help="LoRA folder or .safetensors loaded into --model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--compare", help="reference checkpoint B (A = --model/--lora is the one under test): a LoRA "
+                       "(on --model) or a model spec")
+    which.add_argument("--compare-base", action="store_true", help="B = --model without the LoRA")
+    p.add_argument("--compare-lora", help="LoRA loaded into the --compare model")
+    p.add_argument("--out", type=Path, default=Path("reports/eval"), help="report folder (default reports/eval)")
+    p.add_argument("--prompts", type=Path, help="GenEval metadata JSONL (default: ShapesWorld --split prompts)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="ShapesWorld split (default test)")
+    p.add_argument("--per-tag", type=int, default=64, help="ShapesWorld prompts per category (default 64)")
+    p.add_argument("--captions", type=Path, help="dense: JSONL with a 'caption' per line (default: ShapesWorld dense)")
+    p.add_argument("--dense-prompts", type=int, default=64, help="dense: ShapesWorld dense prompts (default 64)")
+    p.add_argument("--limit", type=int, help="use the first N prompts / captions of a file")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="image i of the plan uses seed+i; also the judge order seed")
+    p.add_argument("--judge", default="verifier", help="dense judge: verifier, reward:NAME or http:BASE_URL@MODEL")
+    p.add_argument("--both-orders", action="store_true", help="dense: judge every pair in both orders")
+    p.add_argument("--detector", help="geneval detector: shapes (default) or pkg.module:attr")
+    p.add_argument("--reward", action="append", help="held-out reward scored on the GenEval samples (repeatable; "
+                   "default shapes_quality for ShapesWorld models)")
+    p.add_argument("--optimised-reward", help="the reward the checkpoint was trained on: scored too, and the hacking "
+                   "monitor compares it with the held-out ones from A to B")
+    p.add_argument("--monitor-run", type=Path, help="training run folder: replay the hacking monitor over metrics.csv")
+    p.add_argument("--num-steps", type=int, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_eval)
+
+
+def _eval_checkpoint(label: str, model_spec: str, lora: str | None, args):
+    from eval.geneval import model_sampler
+    from eval.report import Checkpoint
+
+    from .runtime import load_flow_model
+
+    local = model_spec.startswith(("/", ".", "~")) or model_spec.count("/") != 1
+    if model_spec not in ("shapesworld",) and not model_spec.startswith("toy:") and local \
+            and not Path(model_spec).expanduser().exists():
+        raise CLIError(f"checkpoint {label}: model {model_spec!r} not found")
+    if lora and not Path(lora).exists():
+        raise CLIError(f"checkpoint {label}: LoRA {lora!r} not found")
+    try:
+        model = load_flow_model(model_spec, args.device)
+        if lora:
+            model.load_lora(lora)
+    except (OSError, KeyError) as err:
+        raise CLIError(f"checkpoint {label}: cannot load {model_spec}{' + ' + lora if lora else ''} ({err})") from None
+    sampler = model_sampler(model.eval(), num_steps=args.num_steps, guidance=args.guidance, batch_size=args.batch_size)
+    return Checkpoint(label, model_spec + (f" + {lora}" if lora else ""), sampler)
+
+
+def _run_eval(args) -> None:
+    from rich.progress import Progress
+
+    from eval.dense import dense_prompts, load_captions
+    from eval.geneval import load_metadata
+    from eval.monitor import replay_metrics
+    from eval.report import BENCHMARKS, run_suite, tables, write_report
+    from rewards import build_reward
+
+    from .metrics import read_metrics_csv
+    from .sample import shapesworld_prompts
+
+    benchmarks = list(dict.fromkeys(args.benchmark or ["geneval"]))
+    bad = [b for b in benchmarks if b not in BENCHMARKS]
+    if bad:
+        raise CLIError(f"unknown benchmark {bad[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    if "dense" in benchmarks and not (args.compare or args.compare_base):
+        raise CLIError("the dense benchmark is pairwise: pass --compare SPEC or --compare-base")
+    if args.compare_base and not args.lora:
+        raise CLIError("--compare-base compares --model + --lora with --model alone: pass --lora")
+    if args.monitor_run and not (args.monitor_run / "metrics.csv").is_file():
+        raise CLIError(f"--monitor-run {args.monitor_run}: no metrics.csv there")
+    geneval_items = load_metadata(args.prompts)[: args.limit] if args.prompts else \
+        shapesworld_prompts(args.split, args.per_tag)
+    dense_items = load_captions(args.captions, args.limit) if args.captions else \
+        dense_prompts(args.dense_prompts, args.seed)
+    toy = args.model == "shapesworld" or args.model.startswith("toy:")
+    names = (args.reward or (["shapes_quality"] if toy else [])) + [args.optimised_reward] * bool(args.optimised_reward)
+    names = list(dict.fromkeys(names))
+    try:
+        rewards = {name: build_reward(name) for name in names}
+    except (TypeError, ValueError, KeyError) as err:
+        raise CLIError(f"--reward: {err}") from None
+    checkpoints = [_eval_checkpoint("A", args.model, args.lora, args)]
+    if args.compare_base:
+        checkpoints.append(_eval_checkpoint("B", args.model, None, args))
+    elif args.compare:
+        is_lora = args.compare.endswith(".safetensors") or \
+            (Path(args.compare) / "pytorch_lora_weights.safetensors").is_file()
+        spec, lora = (args.model, args.compare) if is_lora else (args.compare, args.compare_lora)
+        checkpoints.append(_eval_checkpoint("B", spec, lora, args))
+    run_monitor = None
+    if args.monitor_run:
+        run_monitor = replay_metrics(read_metrics_csv(args.monitor_run / "metrics.csv")).summary()
+    config = {"prompts": str(args.prompts or f"shapesworld:{args.split}:{args.per_tag}"), "limit": args.limit,
+              "captions": str(args.captions or f"shapes_dense:{args.dense_prompts}"), "judge": args.judge,
+              "num_steps": args.num_steps, "guidance": args.guidance, "detector": args.detector}
+    with Progress(disable=not sys.stderr.isatty()) as bars:
+        def progress(what, total):
+            task = bars.add_task(what, total=total)
+            return lambda n: bars.advance(task, n)
+
+        results = run_suite(checkpoints, benchmarks, args.out, geneval_items=geneval_items, dense_items=dense_items,
+                            images_per_prompt=args.images_per_prompt, seed=args.seed, detector=args.detector,
+                            judge=args.judge, both_orders=args.both_orders, rewards=rewards,
+                            optimised=args.optimised_reward, batch_size=args.batch_size, config=config,
+                            progress=progress, run_monitor=run_monitor)
+    paths = write_report(args.out, results)
+    for title, header, rows in tables(results)[1:]:
+        print(f"\n{title}\n" + "\n".join("  ".join(row) for row in [header, *rows]))
+    for key in ("monitor", "run_monitor"):
+        for message in (results.get(key) or {}).get("alerts", []):
+            print(f"WARNING: {message}", file=sys.stderr)
+    print(f"\nreport: {paths['html']} (summary {paths['markdown']})")
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="genalign: align text-to-image/video flow models "
@@ -325,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_rollout(sub)
     _add_train(sub)
+    _add_eval(sub)
     return parser
 
 

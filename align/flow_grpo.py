@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from eval.monitor import HackingMonitor
 from samplers.rollout import Trajectory, random_window, rescore_step, rollout, window_step_types
 from samplers.schedules import flow_sigmas
 
@@ -634,6 +635,8 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     logger = MetricsLogger(out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
                            title=f"{cfg.variant} on {cfg.model}", enabled=is_main, wandb_project=cfg.wandb_project,
                            run_config=dataclasses.asdict(cfg))
+    hacking = HackingMonitor(held_out=[f"eval_{name}_mean" for name in monitors], history=logger.rows,
+                             log_path=out_dir / "monitor.jsonl" if is_main else None)  # eval/monitor.py
     metrics: dict[str, Any] = {}
     last_saved = start_epoch - 1 if checkpoint is not None else None
     completed, dirty = start_epoch - 1, False  # last finished epoch; weights changed since then?
@@ -649,6 +652,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                     with eval_weights():
                         metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
                                                 grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
+                    metrics.update(hacking.update(epoch, metrics))
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
@@ -709,6 +713,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
         with eval_weights():
             final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
                              grid_path=out_dir / "samples" / f"epoch_{cfg.num_epochs:04d}.png")
+        final.update(hacking.update(cfg.num_epochs, final))
         metrics.update({f"final_{k}": v for k, v in final.items()})
         logger.log(cfg.num_epochs, final)  # an evaluation-only row: the weights after the last epoch
     if is_main:
