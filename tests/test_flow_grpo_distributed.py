@@ -46,8 +46,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
     rows_one = read_metrics_csv(single / "run" / "metrics.csv")
     rows_two = read_metrics_csv(double / "run" / "metrics.csv")
-    assert [r["epoch"] for r in rows_two] == [0, 1]
-    for a, b in zip(rows_one, rows_two):
+    # two training epochs, then the final evaluation's row (epoch 2, evaluation metrics only)
+    assert [r["epoch"] for r in rows_two] == [0, 1, 2] and "reward_mean" not in rows_two[2]
+    assert rows_two[2]["eval_reward_mean"] == pytest.approx(rows_one[2]["eval_reward_mean"], rel=1e-5, abs=1e-7)
+    for a, b in zip(rows_one[:2], rows_two[:2]):
         assert b["first_update_ratio_error"] == 0.0 and a["first_update_ratio_error"] == 0.0
         for key in ("reward_mean", "reward_std", "eval_reward_mean", "kept_fraction", "trained_transitions"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
