@@ -234,6 +234,17 @@ def _add_pretrain(sub) -> None:
     add_arguments(p)
     p.set_defaults(func=_run_pretrain)
 
+    # `align train-artifact`: the artefact classifier's head (rewards/artifact.py)
+    from rewards.artifact import add_arguments as add_artifact_arguments, main as train_artifact
+
+    a = sub.add_parser("train-artifact", help="train the artifact_classifier reward's head (CPU, a few minutes)",
+                       description="Train the small MLP head of the artifact_classifier reward on a frozen "
+                                   "backbone (default: the ShapesWorld VAE encoder), with BCE on ShapesWorld renders "
+                                   "and base-model samples, clean and corrupted (eval/shapes/artifacts.py); reports "
+                                   "held-out AUROC per artefact kind. Seeded; the defaults are the shipped head's.")
+    add_artifact_arguments(a)
+    a.set_defaults(func=train_artifact)
+
 
 def _run_pretrain(args) -> None:
     from .pretrain_toy import main

@@ -2,6 +2,7 @@
 
     python -m eval.benchmarks sampling [--model shapesworld] [--batch 64] [--repeats 5]
     python -m eval.benchmarks train-step [--model shapesworld] [--batch 16] [--repeats 5]
+    python -m eval.benchmarks rewards [--batch 64] [--repeats 5]
 
 sampling: wall time to sample a batch at the checkpoint's default settings (prompt encoding,
 rollout, VAE decode), per image; and the rollout's overhead over calling the transformer
@@ -9,6 +10,8 @@ directly the same number of times on the same inputs (ODE and Flow-GRPO SDE step
 train-step: one Flow-GRPO training pass (re-score a stored SDE transition with CFG, clipped
 ratio loss, backward into LoRA r 16) against the bare transformer forward + backward on the
 same doubled batch; and the extra cost of the KL term's reference forward.
+rewards: images/s of each toy-scale reward that is registered and loads offline (ShapesWorld
+verifier, quality, saturation, artefact classifier, ShapesWorld CLIP / VLM rewards), on 64 px renders.
 Run it on an idle machine: another job on the same cores distorts every number.
 """
 
@@ -148,15 +151,64 @@ def bench_train_step(model_spec: str = "shapesworld", batch: int = 16, repeats: 
             "grpo_ratio": t["grpo"] / t["bare"], "grpo_kl_ratio": t["grpo_kl"] / t["bare"]}
 
 
+TOY_REWARDS = ("shapes_geneval", "shapes_quality", "shapes_saturation", "artifact_classifier",
+               "shapes_clip_score", "shapes_prompt_echo", "shapes_yes_no")
+
+
+@torch.no_grad()
+def bench_rewards(batch: int = 64, repeats: int = 5, threads: int = 2, names=TOY_REWARDS) -> list[dict]:
+    """Throughput of each toy-scale reward on `batch` ShapesWorld renders of test prompts (64 px).
+
+    Returns one dict per name: {"name", "status", "images_per_s", "ms_per_image"}; status is "ok",
+    "not registered", or why it did not load (everything here must load offline).
+    """
+    import numpy as np
+
+    from eval.shapes import prompts, render, scene_for_prompt
+    from rewards import build_reward, registered_rewards
+
+    torch.set_num_threads(threads)
+    metas = prompts("test")
+    metas = [metas[i % len(metas)] for i in range(batch)]
+    images = np.stack([render(scene_for_prompt(m, rng=i)) for i, m in enumerate(metas)])
+    samples = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [B, 3, 64, 64]
+    texts = [m["prompt"] for m in metas]
+    registered = registered_rewards()
+    results = []
+    for name in names:
+        if name not in registered:
+            results.append({"name": name, "status": "not registered"})
+            continue
+        try:
+            reward = build_reward(name)
+            reward(samples[:2], texts[:2])
+        except Exception as err:  # a benchmark reports what is missing and goes on
+            results.append({"name": name, "status": f"did not load: {type(err).__name__}: {err}"[:160]})
+            continue
+        seconds = _timed(lambda: reward(samples, texts), repeats)
+        results.append({"name": name, "status": "ok", "images_per_s": batch / seconds,
+                        "ms_per_image": 1000 * seconds / batch})
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=["sampling", "train-step"])
+    parser.add_argument("name", choices=["sampling", "train-step", "rewards"])
     parser.add_argument("--model", default="shapesworld")
-    parser.add_argument("--batch", type=int, default=None, help="default: 64 (sampling), 16 (train-step)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 (sampling, rewards), 16 (train-step)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.name == "rewards":
+        batch = args.batch or 64
+        print(f"reward throughput on {batch} ShapesWorld renders (64 px), {args.threads} threads:")
+        for r in bench_rewards(batch, args.repeats, args.threads):
+            if r["status"] == "ok":
+                print(f"  {r['name']:<22} {r['images_per_s']:8.1f} images/s  ({r['ms_per_image']:.2f} ms/image)")
+            else:
+                print(f"  {r['name']:<22} skipped: {r['status']}")
+        return
     if args.name == "train-step":
         r = bench_train_step(args.model, args.batch or 16, args.repeats, args.threads)
         print(f"one Flow-GRPO training pass, {r['batch']} samples with CFG, LoRA r 16 ({r['threads']} threads):")

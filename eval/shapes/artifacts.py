@@ -151,7 +151,8 @@ def _blend(image: np.ndarray, other: np.ndarray, alpha: np.ndarray | float) -> n
 
 
 def blotches(image: np.ndarray, rng, severity: float = 0.5) -> np.ndarray:
-    """1-3 soft irregular blobs of one random colour each (radius 2.5-9 px, opacity 0.45-0.95).
+    """1-3 soft irregular blobs (radius 3-9 px, opacity 0.6-0.95), each of a random colour at
+    least 0.5 (RGB distance, [0, 1] units) from the image colour it covers, so none is invisible.
 
     image: (H, W, 3) float in [0, 1]; returns a new array of the same shape and dtype.
     """
@@ -160,8 +161,8 @@ def blotches(image: np.ndarray, rng, severity: float = 0.5) -> np.ndarray:
     yy, xx = _grid_coords(h, w)
     out = image.copy()
     for _ in range(1 + int(rng.integers(0, 1 + round(2 * severity)))):
-        radius = rng.uniform(2.5, _lerp(4.0, 9.0, severity))
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        radius = rng.uniform(_lerp(3.0, 5.0, severity), _lerp(5.0, 9.0, severity))
+        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
         aspect, angle = rng.uniform(0.5, 1.0), rng.uniform(0, np.pi)
         u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
         v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / aspect
@@ -169,9 +170,13 @@ def blotches(image: np.ndarray, rng, severity: float = 0.5) -> np.ndarray:
         theta = np.arctan2(v, u)
         wobble = 1 + 0.25 * np.sin(rng.integers(2, 5) * theta + rng.uniform(0, 2 * np.pi))
         distance = np.hypot(u, v) / (radius * wobble)
-        mask = np.clip(1.5 - distance, 0, 1) * _lerp(0.45, 0.95, severity)
-        color = rng.uniform(0, 1, size=3).astype(np.float32)
-        out = _blend(out, np.broadcast_to(color, image.shape), mask)
+        mask = np.clip(3 * (1 - distance), 0, 1)
+        covered = (out * mask[..., None]).sum((0, 1)) / max(float(mask.sum()), 1e-6)
+        for _ in range(100):
+            color = rng.uniform(0, 1, size=3).astype(np.float32)
+            if np.linalg.norm(color - covered) >= 0.5:
+                break
+        out = _blend(out, np.broadcast_to(color, image.shape), mask * _lerp(0.6, 0.95, severity))
     return out
 
 
