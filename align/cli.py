@@ -234,6 +234,16 @@ def _add_pretrain(sub) -> None:
     add_arguments(p)
     p.set_defaults(func=_run_pretrain)
 
+    # `align train-shapes-clip`: the ShapesWorld CLIP reward model (rewards/shapes_clip.py)
+    from rewards.shapes_clip import add_arguments as add_shapes_clip_arguments, main as train_shapes_clip
+
+    q = sub.add_parser("train-shapes-clip", help="train the ShapesWorld CLIP reward model from scratch (CPU, ~15 min)",
+                       description="Train a tiny transformers CLIPModel contrastively (with hard negatives) on "
+                                   "ShapesWorld renders of train-split prompts, then report its held-out "
+                                   "preference accuracy. Seeded; the defaults are the shipped model's settings.")
+    add_shapes_clip_arguments(q)
+    q.set_defaults(func=train_shapes_clip)
+
     # `align train-artifact`: the artefact classifier's head (rewards/artifact.py)
     from rewards.artifact import add_arguments as add_artifact_arguments, main as train_artifact
 
@@ -244,6 +254,17 @@ def _add_pretrain(sub) -> None:
                                    "held-out AUROC per artefact kind. Seeded; the defaults are the shipped head's.")
     add_artifact_arguments(a)
     a.set_defaults(func=train_artifact)
+
+    # `align train-shapes-vlm`: the ShapesWorld captioning VLM (rewards/shapes_vlm.py)
+    from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
+
+    v = sub.add_parser("train-shapes-vlm", help="train the ShapesWorld captioning VLM (shapes_prompt_echo / "
+                       "shapes_yes_no; CPU, ~25 min)",
+                       description="Train the tiny Qwen2-VL captioner behind the shapes_prompt_echo and "
+                                   "shapes_yes_no rewards from scratch on ShapesWorld renders of train-split "
+                                   "prompts. Seeded; the defaults are the shipped model's settings.")
+    add_shapes_vlm_arguments(v)
+    v.set_defaults(func=train_shapes_vlm)
 
 
 def _run_pretrain(args) -> None:

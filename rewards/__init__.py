@@ -24,6 +24,7 @@ import rewards.clip  # noqa: F401  registers clip_score, vlm_rm, pickscore, hpsv
 from rewards.shapes import SaturationReward, ShapesGenEvalReward, lookup_shapes_metadata, to_uint8_images
 import rewards.vlm  # noqa: F401  (registers the VLM rewards; transformers is imported lazily)
 import rewards.http  # noqa: F401  (registers "http_judge")
+import rewards.shapes_clip  # noqa: F401  (registers "shapes_clip_score"; the shipped CLIP loads on first use)
 import rewards.artifact  # noqa: F401  (registers "artifact_classifier"; the shipped head loads on construction)
 
 __all__ = [
