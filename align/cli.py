@@ -255,17 +255,6 @@ def _add_pretrain(sub) -> None:
     add_artifact_arguments(a)
     a.set_defaults(func=train_artifact)
 
-    # `align train-shapes-vlm`: the ShapesWorld captioning VLM (rewards/shapes_vlm.py)
-    from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
-
-    v = sub.add_parser("train-shapes-vlm", help="train the ShapesWorld captioning VLM (shapes_prompt_echo / "
-                       "shapes_yes_no; CPU, ~25 min)",
-                       description="Train the tiny Qwen2-VL captioner behind the shapes_prompt_echo and "
-                                   "shapes_yes_no rewards from scratch on ShapesWorld renders of train-split "
-                                   "prompts. Seeded; the defaults are the shipped model's settings.")
-    add_shapes_vlm_arguments(v)
-    v.set_defaults(func=train_shapes_vlm)
-
 
 def _run_pretrain(args) -> None:
     from .pretrain_toy import main
