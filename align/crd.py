@@ -474,6 +474,7 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts from the sampling snapshot, rewards, targets
+                cpu_start = time.process_time()  # training cost, evaluation excluded
                 rollout_start = time.perf_counter()
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank)
                 with snapshots.sampler.swapped():
@@ -495,6 +496,7 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
                     global_step, dirty = global_step + 1, True
                 metrics.update(snapshots.advance(global_step))  # old and sampler snapshots, once per epoch
                 metrics["time_train"] = time.perf_counter() - train_start
+                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
 
                 # ---- log (metrics are over all ranks)
                 metrics.update(stats.reduce(accelerator))

@@ -656,6 +656,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
+                cpu_start = time.process_time()  # training cost, evaluation excluded
                 rollout_start = time.perf_counter()
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
                                                cfg.prompts.spread_groups)
@@ -685,6 +686,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                     if ema is not None:
                         ema.update(global_step)
                 metrics["time_train"] = time.perf_counter() - train_start
+                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
 
                 # ---- log (metrics are over all ranks)
                 metrics.update(stats.reduce(accelerator))

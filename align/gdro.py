@@ -342,6 +342,7 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- optimizer steps over the groups in a seeded order: accumulate -> clip -> step -> EMA
+                cpu_start = time.process_time()  # training cost, evaluation excluded
                 train_start = time.perf_counter()
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
                     derive_seed(cfg.seed, epoch, _ORDER)))
@@ -364,6 +365,7 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
                     if ema is not None:
                         ema.update(global_step)
                 metrics["time_train"] = time.perf_counter() - train_start
+                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
 
                 # ---- log (over all ranks)
                 metrics.update(stats.reduce(accelerator))
