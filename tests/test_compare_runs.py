@@ -72,3 +72,23 @@ def test_bad_run_directories_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.main([str(old)])
     assert "no cpu_train column" in capsys.readouterr().err
+
+
+def test_gradient_signal_to_noise_estimate():
+    """eval.grad_snr.signal_and_noise on per-sample gradients of known mean and spread."""
+    import torch
+
+    from eval.grad_snr import signal_and_noise
+
+    gen = torch.Generator().manual_seed(0)
+    n, p = 4000, 50
+    mean = torch.zeros(p)
+    mean[0] = 0.5  # ||E g||^2 = 0.25; per-sample noise: trace of the covariance = p * 1.0
+    grads = mean + torch.randn(n, p, generator=gen)
+    halves = (torch.arange(n // 2), torch.arange(n // 2, n))
+    r = signal_and_noise(grads, halves)
+    assert r["noise_per_sample"] == pytest.approx(p, rel=0.05)
+    assert r["samples_for_snr_1"] == pytest.approx(p / 0.25, rel=0.2)
+    assert r["split_half_cosine"] > 0.8  # 2000 samples per half >> 200: both halves see the mean
+    pure_noise = signal_and_noise(torch.randn(n, p, generator=gen), halves)
+    assert abs(pure_noise["split_half_cosine"]) < 0.2
