@@ -255,6 +255,28 @@ def _add_pretrain(sub) -> None:
     add_artifact_arguments(a)
     a.set_defaults(func=train_artifact)
 
+    # `align train-exevrm`: the video execution judge (rewards/video_exec.py, align/train_exevrm.py)
+    from .train_exevrm import add_arguments as add_exevrm_arguments, main as train_exevrm
+
+    e = sub.add_parser("train-exevrm", help="fine-tune the video_exec judge (tiny one on synthetic GUI videos: CPU)",
+                       description="Fine-tune a video execution judge on a JSONL of (video, instruction, label[, "
+                                   "interval]); without --data, on synthetic GUI screen recordings "
+                                   "(eval/gui_videos.py). Reports held-out accuracy, recall, temporal IoU and "
+                                   "pruned-vs-unpruned accuracy / forward time.")
+    add_exevrm_arguments(e)
+    e.set_defaults(func=train_exevrm)
+
+    # `align train-prm`: the latent process reward model (rewards/process_reward.py)
+    from rewards.process_reward import add_arguments as add_prm_arguments, main as train_prm
+
+    r = sub.add_parser("train-prm", help="train a latent process reward model from a rollout store (CPU, minutes)",
+                       description="Train the latent process reward model r_p(x_t, sigma, prompt) that Euphonium's "
+                                   "guided SDE follows: it learns the outcome reward of a rollout store's samples "
+                                   "(`align rollout`) from forward-noised latents, then reports its Spearman "
+                                   "correlation with the final reward along ODE trajectories of held-out prompts.")
+    add_prm_arguments(r)
+    r.set_defaults(func=train_prm)
+
 
 def _run_pretrain(args) -> None:
     from .pretrain_toy import main

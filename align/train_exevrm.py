@@ -1,0 +1,108 @@
+"""`align train-exevrm`: fine-tune a video execution judge (the "video_exec" reward).
+
+    align train-exevrm                                  # tiny judge on synthetic GUI videos (CPU, ~15 min)
+    align train-exevrm --data train.jsonl --test test.jsonl --model Qwen/Qwen3-VL-8B-Instruct --out runs/exevrm
+
+Data: JSONL rows {"video": path (relative to the JSONL's folder), "instruction": str, "label": 0|1,
+"interval": [s, e] seconds (optional, failures)}. Without --data, synthetic GUI execution videos
+(eval/gui_videos.py) are generated into --workdir (train and held-out test sets, different seeds).
+After training, the judge is evaluated on the test set with and without token pruning
+(accuracy, recall, temporal IoU, kept-token ratio, forward-time ratio) and saved to --out with
+its settings and these metrics in video_exec.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.gui_videos import evaluate_judge, generate_dataset
+from rewards.video_exec import EXEC_TEMPLATE, SHIPPED_JUDGE_DIR, VideoExecJudge, save_judge, tiny_video_vlm, \
+    train_video_judge
+
+TINY_TEMPLATE = "{instruction}"  # the tiny judge is trained from scratch: the bare instruction is the question
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`align train-exevrm` options (defaults = the shipped tiny judge's run)."""
+    parser.add_argument("--data", type=Path, help="training JSONL (default: synthetic GUI videos in --workdir)")
+    parser.add_argument("--test", type=Path, help="held-out JSONL (default: synthetic, other seed)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/exevrm_data"),
+                        help="where synthetic videos are written (reused if present)")
+    parser.add_argument("--train-videos", type=int, default=1600)
+    parser.add_argument("--test-videos", type=int, default=400)
+    parser.add_argument("--model", default="tiny", help="'tiny' (built from a config) or a hub id / folder")
+    parser.add_argument("--out", type=Path, default=SHIPPED_JUDGE_DIR, help="output folder")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--prune-fraction", type=float, default=0.5,
+                        help="fraction of training batches run with token pruning")
+    parser.add_argument("--fps", type=float, default=1.0)
+    parser.add_argument("--max-frames", type=int, default=16)
+    parser.add_argument("--max-pixels", type=int, default=224 * 168)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def _rows(path: Path) -> tuple[list[dict], Path]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for number, row in enumerate(rows, 1):
+        missing = {"video", "instruction", "label"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {sorted(missing)}")
+    return rows, path.parent
+
+
+def main(args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.data is None:
+        for split, num, seed in (("train", args.train_videos, 1), ("test", args.test_videos, 2)):
+            if not (args.workdir / split / "data.jsonl").is_file():
+                print(f"writing {num} synthetic {split} videos to {args.workdir / split}")
+                generate_dataset(args.workdir / split, num, seed=seed)
+        args.data = args.workdir / "train" / "data.jsonl"
+        args.test = args.test or args.workdir / "test" / "data.jsonl"
+    train_rows, train_root = _rows(args.data)
+    if args.model == "tiny":
+        model, processor = tiny_video_vlm(max_pixels=args.max_pixels, seed=args.seed)
+        template = TINY_TEMPLATE
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model)
+        processor = AutoProcessor.from_pretrained(args.model)
+        template = EXEC_TEMPLATE
+    print(f"training on {len(train_rows)} rows, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    history = train_video_judge(model, processor, train_rows, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                                prune_fraction=args.prune_fraction, template=template, fps=args.fps,
+                                max_frames=args.max_frames, max_pixels=args.max_pixels, root=train_root,
+                                seed=args.seed)
+    settings = {"template": template, "yes_words": ["Yes"], "no_words": ["No"], "pruning": True, "fps": args.fps,
+                "max_frames": args.max_frames, "max_pixels": args.max_pixels,
+                "training": {"command": "align train-exevrm " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                    if k in ("steps", "batch", "lr", "seed", "model", "prune_fraction") and v is not None),
+                    "rows": len(train_rows), "seconds": round(history["seconds"], 1),
+                    "final_loss": float(np.mean(history["losses"][-50:]))}}
+    out = save_judge(model, processor, args.out, settings)
+    if args.test is not None:
+        test_rows, test_root = _rows(args.test)
+        metrics = {}
+        for label, pruning in (("pruned", True), ("unpruned", None)):
+            judge = VideoExecJudge(out, pruning=pruning)
+            metrics[label] = evaluate_judge(judge, test_rows, test_root)
+            print(label, json.dumps(metrics[label]))
+        metrics["accuracy_drop_points"] = 100 * (metrics["unpruned"]["accuracy"] - metrics["pruned"]["accuracy"])
+        metrics["forward_time_ratio"] = metrics["pruned"]["forward_seconds"] / metrics["unpruned"]["forward_seconds"]
+        settings["metrics"] = metrics
+        (out / "video_exec.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"saved the judge to {out}")
+    return settings

@@ -1,0 +1,111 @@
+"""The video execution reward (rewards/video_exec.py) and synthetic GUI videos (eval/gui_videos.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval.gui_videos import generate_dataset, generate_example, judge_metrics, temporal_iou
+from rewards import build_reward, registered_rewards
+from rewards.video_exec import (SHIPPED_JUDGE_DIR, VideoExecJudge, answer_text, parse_interval, tiny_video_vlm,
+                                train_video_judge)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_video_vlm(hidden_size=32, num_heads=2, vision_dim=32, max_pixels=224 * 168)
+
+
+def test_generator_is_deterministic_and_annotated():
+    a, b = generate_example(7), generate_example(7)
+    assert np.array_equal(a["frames"], b["frames"]) and a["instruction"] == b["instruction"]
+    assert not np.array_equal(generate_example(8)["frames"][:1], a["frames"][:1])  # other seed, other screen
+    kinds = {}
+    for seed in range(40):
+        example = generate_example(seed)
+        kinds[example["kind"]] = kinds.get(example["kind"], 0) + 1
+        frames, interval = example["frames"], example["interval"]
+        assert frames.dtype == np.uint8 and frames.shape[1:] == (168, 224, 3) and 4 <= len(frames) <= 16
+        assert example["label"] == (example["kind"] == "positive") == (interval is None)
+        assert example["instruction"].startswith(("click ", "type ", "open the "))
+        if example["kind"] == "translated":  # same video as a success, other instruction
+            assert example["executed"] != example["instruction"]
+        if interval is not None:
+            assert 0 <= interval[0] <= interval[1] < len(frames)
+        if interval is not None and example["kind"] != "incomplete":  # (incomplete: nothing happens there)
+            # the screen changes inside the deviation interval: the wrong action is visible
+            span = frames[interval[0]:interval[1] + 1]
+            assert len(span) == 1 or np.abs(np.diff(span.astype(int), axis=0)).sum() > 0
+    assert set(kinds) == {"positive", "wrong_target", "incomplete", "translated"}
+
+
+def test_metrics():
+    assert temporal_iou((2, 4), (2, 4)) == 1.0
+    assert temporal_iou((2, 3), (3, 5)) == pytest.approx(1 / 4)
+    assert temporal_iou(None, (1, 2)) == 0.0
+    metrics = judge_metrics([0.9, 0.2, 0.6, 0.1], [1, 1, 0, 0], [None, (0, 1), None, (2, 3)], [None, [0, 1], [1, 2], [2, 4]])
+    assert metrics["accuracy"] == 0.5 and metrics["recall"] == 0.5
+    assert metrics["temporal_iou"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert parse_interval("No 3-5") == (3.0, 5.0) and parse_interval("no idea") is None
+    assert answer_text(1, None) == "Yes" and answer_text(0, [3, 5]) == "No 3-5"
+
+
+def test_reward_signature_and_pruning_report(tiny):
+    assert "video_exec" in registered_rewards()
+    model, processor = tiny
+    reward = build_reward({"type": "video_exec", "model": model, "processor": processor, "batch_size": 2})
+    examples = [generate_example(seed) for seed in (1, 2, 3)]
+    length = min(len(e["frames"]) for e in examples)
+    samples = torch.stack([torch.from_numpy(e["frames"][:length]).permute(3, 0, 1, 2) for e in examples]).float() / 255
+    out = reward(samples, [e["instruction"] for e in examples])
+    assert out.scores.shape == (3,) and ((out.scores > 0) & (out.scores < 1)).all()
+    assert (out.extras["kept_token_ratio"] < 0.5).all()  # GUI recordings: most tokens pruned
+    assert (out.extras["visual_tokens"] == (length + length % 2) // 2 * 48).all()  # 8 x 6 tokens per frame pair
+    unpruned = VideoExecJudge(model, processor, pruning=False)(samples, [e["instruction"] for e in examples])
+    assert (unpruned.extras["kept_token_ratio"] == 1).all()
+    with pytest.raises(ValueError, match="videos"):
+        reward(samples[:, :, 0], [e["instruction"] for e in examples])  # images are refused
+
+
+def test_judge_files_names_bad_files(tiny, tmp_path):
+    model, processor = tiny
+    judge = VideoExecJudge(model, processor, interval=True)
+    path = generate_dataset(tmp_path, 2, seed=5)
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    result = judge.judge_files([tmp_path / r["video"] for r in rows], [r["instruction"] for r in rows])
+    assert result["p_success"].shape == (2,) and len(result["intervals"]) == 2
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="broken.mp4: not a readable video"):
+        judge.judge_files([tmp_path / "broken.mp4"], ["click Save"])
+
+
+def test_training_fits_a_few_examples(tiny):
+    model, processor = tiny_video_vlm(hidden_size=32, num_heads=2, vision_dim=32, max_pixels=112 * 84, seed=1)
+    rows = []
+    for seed, kind in ((11, "positive"), (12, "translated"), (13, "positive"), (14, "wrong_target")):
+        example = generate_example(seed, kind)
+        frames = example["frames"][:, ::2, ::2]  # 112 x 84: fast
+        rows.append({"video": frames, "instruction": example["instruction"], "label": example["label"],
+                     "interval": example["interval"]})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    history = train_video_judge(model, processor, rows, steps=25, batch_size=4, lr=1e-2, template="{instruction}",
+                                max_pixels=112 * 84, interval_weight=0.0, log=None)  # the judgement token only
+    assert np.mean(history["losses"][-3:]) < 0.3 < np.mean(history["losses"][:3])
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)  # every parameter trained (the patch embedding too)
+    judge = VideoExecJudge(model, processor, template="{instruction}")
+    p = judge.judge([r["video"] for r in rows], [r["instruction"] for r in rows])["p_success"]
+    labels = torch.tensor([r["label"] == 1 for r in rows])
+    assert p[labels].min() > p[~labels].max()  # the training videos are ranked right
+
+
+@pytest.mark.skipif(not SHIPPED_JUDGE_DIR.is_dir(), reason="no shipped judge (align train-exevrm)")
+def test_shipped_judge_on_fresh_synthetic_videos():
+    judge = VideoExecJudge()  # loads rewards/models/weights/video_exec_judge with its settings
+    examples = [generate_example(10_000_000 + seed) for seed in range(16)]
+    p = judge.judge([e["frames"] for e in examples], [e["instruction"] for e in examples])["p_success"]
+    metrics = judge_metrics(p.numpy(), [e["label"] for e in examples])
+    assert metrics["accuracy"] >= 0.75 and not math.isnan(float(p.sum()))
