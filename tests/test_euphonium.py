@@ -1,0 +1,67 @@
+"""Euphonium's math (ALGORITHMS.md section 5): lambda, dual-reward advantages (process term 0
+outside the window), the summed clipped losses, and the distillation target that turns the
+guided step into the unguided step of the distilled velocity."""
+
+import pytest
+import torch
+
+from align.euphonium import (distillation_kl, distillation_target, dual_advantages, dual_clipped_loss,
+                             guidance_lambda, window_mask)
+from samplers.steps import dance_sde_step, guided_sde_step
+
+
+def test_lambda_and_window():
+    assert guidance_lambda(0.25, 3.125) == pytest.approx(0.01)  # the paper's defaults
+    assert window_mask(16, (12, 16)).tolist() == [False] * 12 + [True] * 4
+    with pytest.raises(ValueError, match="beta"):
+        guidance_lambda(0.25, 0.0)
+    with pytest.raises(ValueError, match="window"):
+        window_mask(16, (12, 17))
+
+
+def test_dual_advantages_by_hand():
+    groups = [0, 0, 1, 1]
+    window = window_mask(3, (1, 3))
+    process = torch.tensor([[9.0, 1.0, 2.0], [7.0, 3.0, 2.0], [5.0, 0.0, 4.0], [1.0, 2.0, 0.0]])
+    outcome = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    a_process, a_outcome = dual_advantages(process, outcome, groups, window, std="none", clip=None)
+    assert a_process[:, 0].eq(0).all()  # outside the window: exactly 0, whatever r_p says
+    torch.testing.assert_close(a_process[:, 1], torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    torch.testing.assert_close(a_process[:, 2], torch.tensor([0.0, 0.0, 2.0, -2.0]))  # tied group -> 0
+    torch.testing.assert_close(a_outcome, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # per-group std (DanceGRPO form): each group's advantages are +-1 for two distinct values
+    a_process, _ = dual_advantages(process, outcome, groups, window, std="group")
+    assert a_process[:, 1].abs().tolist() == pytest.approx([1.0] * 4, rel=1e-3)
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        dual_advantages(process[:, :2], outcome, groups, window)
+
+
+def test_dual_loss_is_the_sum_of_two_clipped_surrogates():
+    log_prob = torch.tensor([0.1, -0.2, 0.05], requires_grad=True)
+    old = torch.tensor([0.1, -0.2, 0.05])
+    a_out, a_proc = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.5, 0.0, -2.0])
+    loss, metrics = dual_clipped_loss(log_prob, old, a_out, a_proc, clip_range=1e-4)
+    # ratio 1: L = -mean(A_out) - mean(A_proc), gradient -(A_out + A_proc) / B
+    assert loss.item() == pytest.approx(-(a_out.mean() + a_proc.mean()).item())
+    loss.backward()
+    torch.testing.assert_close(log_prob.grad, -(a_out + a_proc) / 3)
+    assert metrics["process_loss"].item() == pytest.approx(-a_proc.mean().item())
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(0.9, 0.8), (0.4, 0.3), (0.1, 0.05)])
+def test_distilled_velocity_reproduces_the_guided_step(sigma, sigma_next):
+    gen = torch.Generator().manual_seed(0)
+    x, v, grad, z = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(4))
+    eta, lam = 0.25, guidance_lambda(0.25, 3.125)
+    guided = guided_sde_step(x, v, sigma, sigma_next, eta=eta, grad=grad, guidance_lambda=lam, noise=z)
+    target = distillation_target(v, grad, sigma, lam, eta)
+    distilled = dance_sde_step(x, target, sigma, sigma_next, eta=eta, noise=z)
+    torch.testing.assert_close(distilled.mean, guided.guided_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(distilled.next, guided.next, atol=1e-6, rtol=1e-5)
+    kl = distillation_kl(distilled.mean, guided.guided_mean, eta, sigma - sigma_next)
+    assert kl.shape == (3,) and kl.abs().max() < 1e-8
+    # the unguided velocity is off by exactly the guidance shift: KL = lambda^2 D mean(grad^2) / (2 eta^2)
+    plain = dance_sde_step(x, v, sigma, sigma_next, eta=eta, noise=z)
+    d = sigma - sigma_next
+    expected = (lam * d * grad).square().flatten(1).mean(1) / (2 * eta**2 * d)
+    torch.testing.assert_close(distillation_kl(plain.mean, guided.guided_mean, eta, d), expected, rtol=1e-4, atol=1e-9)
