@@ -7,19 +7,25 @@ The guided SDE adds (eps_t / beta) grad_x r_p dt to the DanceGRPO SDE. Discretis
 D = sigma_i - sigma_{i+1} > 0: mu_g = mu + lambda D grad_x r_p(x, sigma_i, c), lambda =
 eta^2 / (2 beta), next = mu_g + eta sqrt(D) z, guidance only in a late window of steps.
 
-Not here yet: the training loop (rollouts with a guided window, the process reward model at each
-window step, the two clipped losses per step, the distillation term) — see issue 7.
+Training is Flow-GRPO's loop with ``variant: euphonium`` (align/flow_grpo.py): DanceGRPO rollouts
+whose window steps are guided by ``grad_fn`` (:func:`make_grad_fn`), process rewards at each
+window step's state (:func:`process_rewards`), the outcome and process clipped losses summed, and
+the distillation KL on window steps weighted by ``euphonium.distill_weight``. Caveat: groups whose
+outcome rewards tie are dropped as in Flow-GRPO, even if their process advantages differ.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .advantages import GroupIds, group_advantages
+from .config import doc
 from .losses import clipped_policy_loss
 
-__all__ = ["guidance_lambda", "window_mask", "dual_advantages", "dual_clipped_loss", "distillation_target",
+__all__ = ["guidance_lambda", "window_mask", "process_advantages", "dual_advantages", "dual_clipped_loss", "distillation_target",
            "distillation_kl"]
 
 
@@ -40,23 +46,26 @@ def window_mask(num_steps: int, window: tuple[int, int]) -> Tensor:
     return mask
 
 
-def dual_advantages(process_rewards: Tensor, outcome_rewards: Tensor, group_ids: GroupIds, window: Tensor,
-                    std: str = "group", clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
-    """Dual-reward GRPO advantages (Euphonium sec. 3.3).
-
-    process_rewards: [N, S] r_p(x_k^i, sigma_k, c) at every step's input state (any value outside
-    the window is ignored); outcome_rewards: [N]; group_ids: [N] (samples of one prompt and one
-    initial noise); window: [S] bool.
-    Returns (process [N, S]: per step k, (r_p - mean_group^k) / std_group^k inside the window and
-    exactly 0 outside; outcome [N]: (r_o - mean_group) / std_group), each clipped to +-clip. The
-    paper sums the two in its A_{k,i}; the losses keep them apart (:func:`dual_clipped_loss`).
-    """
+def process_advantages(process_rewards: Tensor, group_ids: GroupIds, window: Tensor, std: str = "group",
+                       clip: float | None = 5.0) -> Tensor:
+    """[N, S] per step k inside the window, (r_p - mean_group^k) / std_group^k (clipped to +-clip);
+    exactly 0 outside it. process_rewards: [N, S] r_p(x_k^i, sigma_k, c) at every step's input
+    state (values outside the window are ignored); window: [S] bool."""
     if process_rewards.ndim != 2 or process_rewards.shape[1] != window.numel():
         raise ValueError(f"process_rewards must be [N, {window.numel()}], got {tuple(process_rewards.shape)}")
-    outcome, _ = group_advantages(outcome_rewards, group_ids, std=std, clip=clip)
-    process = torch.zeros_like(process_rewards, dtype=torch.float32)
+    process = torch.zeros(process_rewards.shape, dtype=torch.float32)
     for k in torch.nonzero(window).flatten().tolist():
-        process[:, k], _ = group_advantages(process_rewards[:, k].float(), group_ids, std=std, clip=clip)
+        process[:, k], _ = group_advantages(process_rewards[:, k].float().cpu(), group_ids, std=std, clip=clip)
+    return process
+
+
+def dual_advantages(process_rewards: Tensor, outcome_rewards: Tensor, group_ids: GroupIds, window: Tensor,
+                    std: str = "group", clip: float | None = 5.0) -> tuple[Tensor, Tensor]:
+    """Dual-reward GRPO advantages (Euphonium sec. 3.3): (process [N, S] as
+    :func:`process_advantages`, outcome [N] = (r_o - mean_group) / std_group, clipped). The paper
+    sums the two in its A_{k,i}; the losses keep them apart (:func:`dual_clipped_loss`)."""
+    process = process_advantages(process_rewards, group_ids, window, std, clip)
+    outcome, _ = group_advantages(outcome_rewards, group_ids, std=std, clip=clip)
     return process, outcome
 
 
@@ -94,3 +103,66 @@ def distillation_kl(mean_theta: Tensor, guided_mean: Tensor, eta: float, step: T
     the latent dimensions (as the log-probs are) -> [B]. step: D = sigma_i - sigma_{i+1} (scalar or [B])."""
     d = _per_sample(step, mean_theta)
     return ((guided_mean.detach() - mean_theta).square() / (2 * eta**2 * d)).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------- trainer pieces
+
+
+@dataclass
+class EuphoniumConfig:
+    """Euphonium settings (used with `variant: euphonium`)."""
+
+    prm: str | None = doc(None, "Folder of the latent process reward model (`align train-prm`); required.")
+    beta: float = doc(3.125, "Guidance temperature beta: lambda = eta^2 / (2 beta) (paper: 3.125 with eta 0.25).")
+    guidance_lambda: float | None = doc(None, "A fixed lambda instead of eta^2 / (2 beta).")
+    window: list[int] | None = doc(None, "[start, end) of the guided steps (null: the last quarter of the steps, "
+                                         "the paper's 12-15 of 16).")
+    normalize_grad: bool = doc(False, "Rescale grad_x r_p to unit L2 norm per sample.")
+    log_prob_under: str = doc("unguided", "Score transitions under the 'unguided' policy mean (paper default) "
+                                          "or the 'guided' mean.")
+    process_advantages: bool = doc(True, "Dual-reward GRPO: add the clipped loss of the per-step process "
+                                         "advantages in the window (false: outcome advantages only).")
+    distill_weight: float = doc(0.0, "Weight of the distillation KL ||mu_g - mu_theta||^2 / (2 eta^2 D) on "
+                                     "window steps: the trained model learns the guided drift itself.")
+
+    def __post_init__(self):
+        if self.log_prob_under not in ("unguided", "guided"):
+            raise ValueError("euphonium.log_prob_under must be 'unguided' or 'guided'")
+        if self.distill_weight < 0:
+            raise ValueError("euphonium.distill_weight must be >= 0")
+
+    def resolved_window(self, num_steps: int) -> tuple[int, int]:
+        if self.window is None:
+            return num_steps - max(1, num_steps // 4), num_steps
+        if len(self.window) != 2:
+            raise ValueError(f"euphonium.window must be [start, end], got {self.window}")
+        window_mask(num_steps, tuple(self.window))  # validates
+        return int(self.window[0]), int(self.window[1])
+
+    def resolved_lambda(self, eta: float) -> float:
+        return self.guidance_lambda if self.guidance_lambda is not None else guidance_lambda(eta, self.beta)
+
+
+def prompt_vector(cond) -> Tensor:
+    """[B, D] the conditioning's prompt vector, as rewards.process_reward.prompt_vectors makes it."""
+    pooled = getattr(cond, "pooled", None)
+    return (pooled if pooled is not None else cond.prompt_embeds.mean(1)).float()
+
+
+def make_grad_fn(prm):
+    """grad_fn(x, sigma [B], cond) -> grad_x r_p for samplers.rollout's guided steps."""
+    def grad_fn(x: Tensor, sigma: Tensor, cond) -> Tensor:
+        text = prompt_vector(cond).to(x.device)
+        return prm.reward_and_grad(x, sigma, text)[1]
+    return grad_fn
+
+
+@torch.no_grad()
+def process_rewards(prm, latents: Tensor, sigmas: Tensor, cond, window: Tensor) -> Tensor:
+    """[n, S] r_p at each window step's input state latents[:, k] (NaN outside the window)."""
+    n, num_steps = latents.shape[0], window.numel()
+    out = torch.full((n, num_steps), float("nan"))
+    text = prompt_vector(cond).to(latents.device)
+    for k in torch.nonzero(window).flatten().tolist():
+        out[:, k] = prm(latents[:, k].float(), sigmas[k].expand(n), text).float().cpu()
+    return out

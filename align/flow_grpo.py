@@ -18,6 +18,9 @@ Variants (`variant`):
              ODE elsewhere; train only the window.
   dance      DanceGRPO: constant-eta SDE on every step, initial noise shared by each group,
              per-group std advantages, no KL, a random `step_fraction` of the steps trained.
+  euphonium  DanceGRPO whose steps in a late window follow the gradient of a latent process
+             reward model (align/euphonium.py): dual outcome + process advantages, optional
+             distillation of the guided drift into the policy (`euphonium` settings).
 Fields left null take the variant's paper default (`resolve_variant_defaults`).
 
 Everything random in an epoch (prompts, noise, SDE window, trained steps, sample order) is
@@ -47,6 +50,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
+from .euphonium import (EuphoniumConfig, distillation_kl, make_grad_fn, process_advantages, process_rewards,
+                        window_mask)
 from .losses import clipped_policy_loss, flow_grpo_kl
 from .metrics import MetricsLogger, TrainingProgress, write_summary
 from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
@@ -68,13 +73,15 @@ __all__ = [
     "recompute_old_log_probs",
 ]
 
-VARIANTS = ("flow_grpo", "fast", "dance")
+VARIANTS = ("flow_grpo", "fast", "dance", "euphonium")
 # Paper defaults that differ per variant; a null config field takes these (ALGORITHMS.md 1-2).
 VARIANT_DEFAULTS = {
     "flow_grpo": dict(adv_std="global", adv_eps=1e-4, clip_range=1e-4, kl_beta=0.04, share_initial_noise=False),
     "fast": dict(adv_std="global", adv_eps=1e-4, clip_range=1e-5, kl_beta=0.04, share_initial_noise=False),
     "dance": dict(adv_std="group", adv_eps=1e-8, clip_range=1e-4, kl_beta=0.0, share_initial_noise=True),
+    "euphonium": dict(adv_std="group", adv_eps=1e-8, clip_range=1e-4, kl_beta=0.0, share_initial_noise=True),
 }
+_DANCE_LIKE = ("dance", "euphonium")  # constant-eta SDE on every step, a random subset of steps trained
 # Purposes for derive_seed(seed, epoch, PURPOSE, ...): independent streams per use.
 _NOISE, _STEP_NOISE, _WINDOW, _ORDER, _STEPS = 1, 2, 3, 4, 5
 
@@ -148,11 +155,14 @@ class FlowGRPOConfig:
     groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks.")
     num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
     sampler: GRPOSamplerConfig = doc(GRPOSamplerConfig(), "Rollout and evaluation sampling.")
-    variant: Literal["flow_grpo", "fast", "dance"] = doc("flow_grpo", "flow_grpo | fast (SDE window) | dance.")
+    variant: Literal["flow_grpo", "fast", "dance", "euphonium"] = doc(
+        "flow_grpo", "flow_grpo | fast (SDE window) | dance | euphonium (process-reward-guided dance).")
+    euphonium: EuphoniumConfig = doc(EuphoniumConfig(), "variant euphonium: process reward model, guidance "
+                                                        "strength and window, dual advantages, distillation.")
     window_size: int = doc(2, "fast: SDE window length (2-3 steps in the first half of the schedule).")
     window_range: Literal["first_half", "all"] = doc("first_half", "fast: where the window may start: the first "
                                                      "half of the steps (the paper) or anywhere but the last step.")
-    step_fraction: float = doc(0.6, "dance: fraction of the T steps trained, drawn at random per update.")
+    step_fraction: float = doc(0.6, "dance, euphonium: fraction of the T steps trained, drawn at random per update.")
     timestep_fraction: float = doc(0.99, "flow_grpo: train the first int(T * fraction) steps (the last step's "
                                          "sigma is tiny and its likelihood overflows).")
     shuffle_timesteps: bool = doc(False, "Visit the trained steps in a random order within each micro-batch.")
@@ -214,6 +224,11 @@ class FlowGRPOConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
+        if self.variant == "euphonium":
+            if not self.euphonium.prm:
+                raise ValueError("variant euphonium needs euphonium.prm: a process reward model folder "
+                                 "(`align train-prm STORE --out DIR`)")
+            self.euphonium.resolved_window(self.sampler.num_steps)
         if self.antithetic_noise and (self.group_size % 2 or self.sampler.batch_size % 2 or self.prompts.spread_groups):
             raise ValueError("antithetic_noise pairs neighbouring samples of a group: group_size and "
                              "sampler.batch_size must be even and prompts.spread_groups false")
@@ -233,6 +248,13 @@ def epoch_step_schedule(cfg: FlowGRPOConfig, epoch: int) -> tuple[list[str], dic
     T = cfg.sampler.num_steps
     if cfg.variant == "dance":
         return window_step_types(T, None, "dance_sde"), {"eta": cfg.sampler.eta}, list(range(T))
+    if cfg.variant == "euphonium":
+        e, eta = cfg.euphonium, cfg.sampler.eta
+        types = window_step_types(T, e.resolved_window(T), "guided")
+        types = ["dance_sde" if name == "ode" else name for name in types]
+        guided = {"eta": eta, "guidance_lambda": e.resolved_lambda(eta), "normalize_grad": e.normalize_grad,
+                  "log_prob_under": e.log_prob_under}
+        return types, {"dance_sde": {"eta": eta}, "guided": guided}, list(range(T))
     params = {"noise_level": cfg.sampler.noise_level}
     if cfg.variant == "fast":
         if cfg.window_range == "all":  # the last step (sigma -> 0) is never an SDE step
@@ -247,7 +269,7 @@ def _trained_steps(cfg: FlowGRPOConfig, candidates: list[int], epoch: int, updat
     """The steps one optimizer update trains: all candidates, or (dance) a random subset."""
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _STEPS, update))
     steps = list(candidates)
-    if cfg.variant == "dance":
+    if cfg.variant in _DANCE_LIKE:
         count = max(1, int(len(steps) * cfg.step_fraction))
         steps = sorted(steps[i] for i in torch.randperm(len(steps), generator=gen)[:count].tolist())
     if cfg.shuffle_timesteps:
@@ -266,6 +288,7 @@ class Rollouts:
     cond: Any  # conditioning of the n samples (SD3Cond)
     rewards: Tensor  # [n] fp32, NaN = not scored
     extras: dict[str, Tensor]  # per-sample reward extras [n] (e.g. "strict")
+    guided_means: dict[int, Tensor] | None = None  # euphonium: step -> [n, *latent] mean the sample was drawn from
 
 
 def _initial_noise(cfg: FlowGRPOConfig, batch: SampleBatch, epoch: int, latent_shape, share: bool) -> Tensor:
@@ -292,7 +315,12 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
     cond = _encode(model, batch.prompts, s.guidance, s.negative_prompt)
     noise = _initial_noise(cfg, batch, epoch, model.latent_shape(s.resolution, s.resolution),
                           cfg.share_initial_noise).to(device)
-    trajectories, rewards, extras = [], [], {}
+    trajectories, rewards, extras, guided = [], [], {}, {}
+
+    def keep_guided(i, x, v, out):
+        if out.guided_mean is not None:
+            guided.setdefault(i, []).append(out.guided_mean.detach())
+
     for start in range(0, len(batch), s.batch_size):
         idx = slice(start, start + s.batch_size)
         # step noise seeded by the batch's first global sample: the same for any rank layout whose
@@ -301,7 +329,7 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
             derive_seed(cfg.seed, epoch, _STEP_NOISE, int(batch.sample_ids[start])))
         traj = rollout(model, cond.index(idx), sigmas, step_types=step_types, step_params=step_params,
                        guidance=s.guidance, initial_noise=noise[idx], generator=generator,
-                       antithetic=cfg.antithetic_noise)
+                       antithetic=cfg.antithetic_noise, callback=keep_guided if cfg.variant == "euphonium" else None)
         images = model.decode(traj.final)
         out = reward_fn(images, batch.prompts[idx], metadata=batch.metadata[idx], group_ids=batch.group_ids[idx])
         trajectories.append(traj)
@@ -310,7 +338,8 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
             if isinstance(value, Tensor) and value.ndim == 1 and value.shape[0] == images.shape[0]:
                 extras.setdefault(key, []).append(value.detach().float().cpu())
     extras = {k: torch.cat(v) for k, v in extras.items() if len(v) == len(trajectories)}
-    return Rollouts(Trajectory.cat(trajectories), cond, torch.cat(rewards), extras)
+    guided_means = {i: torch.cat(means) for i, means in guided.items()} or None
+    return Rollouts(Trajectory.cat(trajectories), cond, torch.cat(rewards), extras, guided_means)
 
 
 def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBatch, accelerator):
@@ -324,7 +353,7 @@ def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBat
                                                batch.group_ids.to(accelerator.device), accelerator)  # [N], [N]
     sample_ids = accelerator.gather(ids) if accelerator.num_processes > 1 else ids  # [N]
     advantages, metrics = group_advantages(rewards, group_ids, std=cfg.adv_std, eps=cfg.adv_eps,
-                                           clip=cfg.adv_clip, unbiased=cfg.variant == "dance")  # [N]
+                                           clip=cfg.adv_clip, unbiased=cfg.variant in _DANCE_LIKE)  # [N]
     keep = nonzero_group_mask(advantages, group_ids)  # [N]
     by_id = torch.zeros(batch.num_samples, dtype=torch.float32)
     by_id[sample_ids.cpu()] = advantages.float().cpu()
@@ -337,6 +366,25 @@ def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBat
         gathered = accelerator.gather(values.to(accelerator.device)) if accelerator.num_processes > 1 else values
         out[f"reward_{key}"] = float(torch.nanmean(gathered.float()))
     return by_id, keep_by_id, out
+
+
+def compute_process_advantages(cfg: FlowGRPOConfig, prm, rollouts: Rollouts, batch: SampleBatch,
+                               accelerator) -> tuple[Tensor, dict[str, float]]:
+    """Euphonium's per-step process advantages [n, T] of this rank's samples (0 outside the
+    guidance window), standardised within each group over the batch gathered from all ranks."""
+    T = cfg.sampler.num_steps
+    window = window_mask(T, cfg.euphonium.resolved_window(T))
+    traj = rollouts.trajectory
+    local = process_rewards(prm, traj.latents.to(accelerator.device), traj.sigmas, rollouts.cond, window)  # [n, T]
+    values, group_ids, sample_ids = local, batch.group_ids, batch.sample_ids
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+        values = accelerator.gather(local.to(device)).cpu()
+        group_ids, sample_ids = (accelerator.gather(t.to(device)).cpu() for t in (batch.group_ids, batch.sample_ids))
+    advantages = process_advantages(values, group_ids, window, std=cfg.adv_std, clip=cfg.adv_clip)  # [N, T]
+    by_id = torch.zeros(batch.num_samples, T)
+    by_id[sample_ids] = advantages
+    return by_id[batch.sample_ids], {"process_reward_mean": float(values[:, window].nanmean())}
 
 
 @dataclass
@@ -517,7 +565,7 @@ class LossStats:
     """Sample-weighted sums of the loss metrics of an epoch (all updates, and the first update,
     which runs before any optimizer step: its ratio must be exactly 1)."""
 
-    KEYS = ("policy_loss", "approx_kl", "clip_fraction", "kl")
+    KEYS = ("policy_loss", "approx_kl", "clip_fraction", "kl", "distill_kl")
 
     def __init__(self):
         self.sums = {k: 0.0 for k in self.KEYS}
@@ -557,12 +605,17 @@ class LossStats:
 
 
 def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantages: Tensor, update: Update,
-                         cfg: FlowGRPOConfig, accelerator, stats: LossStats, first_update: bool) -> None:
+                         cfg: FlowGRPOConfig, accelerator, stats: LossStats, first_update: bool,
+                         process: Tensor | None = None) -> None:
     """Backward of one optimizer update's loss, micro-batch by micro-batch and step by step.
 
     advantages: [n] of this rank's samples. A rank with none of the update's samples runs one
     zero-weight pass (update.scale = 0) so that DDP's gradient all-reduce still matches.
+    process: euphonium's per-step process advantages [n, T] (0 outside the window): their clipped
+    loss is added to the outcome one; with euphonium.distill_weight, window steps also pull the
+    policy mean onto the guided mean the sample was drawn from.
     """
+    distill_weight = cfg.euphonium.distill_weight if cfg.variant == "euphonium" else 0.0
     scale = update.scale
     passes = [(mb, i) for mb in update.micro_batches for i in update.steps]
     for pass_index, (mb, i) in enumerate(passes):
@@ -578,11 +631,21 @@ def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantage
             with transformer_as(model, policy):
                 new = rescore_step(model, cond, traj, i)  # log p of the stored transition, with grad
             policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
+            if process is not None:  # dual-reward GRPO: a second clipped surrogate (0 outside the window)
+                process_loss, _ = clipped_policy_loss(new.log_prob, traj.log_probs[:, i],
+                                                      process[index, i].to(accelerator.device), cfg.clip_range)
+                policy_loss = policy_loss + process_loss
             if cfg.kl_beta:
                 kl = flow_grpo_kl(new.mean, ref.mean, new.noise_scale)  # [b]
-            loss = (policy_loss + cfg.kl_beta * kl.mean()) * (len(mb) * scale)
+            distill = torch.zeros(len(mb), device=accelerator.device)  # [b]
+            if distill_weight and rollouts.guided_means and i in rollouts.guided_means:
+                step = float(traj.sigmas[i] - traj.sigmas[i + 1])
+                distill = distillation_kl(new.mean, rollouts.guided_means[i][index].to(accelerator.device),
+                                          cfg.sampler.eta, step)  # [b]
+            loss = (policy_loss + cfg.kl_beta * kl.mean() + distill_weight * distill.mean()) * (len(mb) * scale)
             accelerator.backward(loss)
-        metrics = {**{k: float(v) for k, v in metrics.items()}, "kl": float(kl.detach().mean())}
+        metrics = {**{k: float(v) for k, v in metrics.items()}, "kl": float(kl.detach().mean()),
+                   "distill_kl": float(distill.detach().mean())}
         stats.add(metrics, len(mb) if scale > 0 else 0.0, first_update)
 
 
@@ -608,6 +671,11 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
     model.to(accelerator.device)
     reward_fn = reward if reward is not None else build_reward(cfg.reward)
+    prm = None
+    if cfg.variant == "euphonium":
+        from rewards.process_reward import load_prm
+
+        prm = load_prm(cfg.euphonium.prm, accelerator.device)
     trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=bool(cfg.kl_beta))
     configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
     o = cfg.optimizer
@@ -661,6 +729,8 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
                                                cfg.prompts.spread_groups)
                 step_types, step_params, candidate_steps = epoch_step_schedule(cfg, epoch)
+                if prm is not None:
+                    step_params["guided"]["grad_fn"] = make_grad_fn(prm)
                 rollouts = collect_rollouts(model, reward_fn, batch, cfg, epoch, step_types, step_params)
                 metrics["time_rollout"] = time.perf_counter() - rollout_start
 
@@ -668,6 +738,10 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 advantages_by_id, keep, advantage_metrics = compute_advantages(cfg, rollouts, batch, accelerator)
                 metrics.update(advantage_metrics)
                 advantages = advantages_by_id[batch.sample_ids]  # [n] this rank's samples
+                process = None
+                if prm is not None and cfg.euphonium.process_advantages:
+                    process, process_metrics = compute_process_advantages(cfg, prm, rollouts, batch, accelerator)
+                    metrics.update(process_metrics)
 
                 # ---- policy updates: accumulate -> clip -> step -> EMA
                 train_start = time.perf_counter()
@@ -677,7 +751,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 stats, grad_norms = LossStats(), []
                 for update in updates:
                     accumulate_gradients(model, policy, reference, rollouts, advantages, update, cfg, accelerator,
-                                         stats, first_update=not grad_norms)
+                                         stats, first_update=not grad_norms, process=process)
                     max_norm = o.max_grad_norm if o.max_grad_norm > 0 else math.inf
                     grad_norms.append(float(accelerator.clip_grad_norm_(list(trainable.values()), max_norm)))
                     optimizer.step()

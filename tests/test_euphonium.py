@@ -65,3 +65,87 @@ def test_distilled_velocity_reproduces_the_guided_step(sigma, sigma_next):
     d = sigma - sigma_next
     expected = (lam * d * grad).square().flatten(1).mean(1) / (2 * eta**2 * d)
     torch.testing.assert_close(distillation_kl(plain.mean, guided.guided_mean, eta, d), expected, rtol=1e-4, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- the trainer (variant euphonium)
+
+
+def _prm_folder(tmp_path, model):
+    from rewards.process_reward import LatentPRM, prompt_vectors, save_prm
+
+    torch.manual_seed(0)
+    dim = prompt_vectors(model, ["a circle"]).shape[1]
+    return save_prm(tmp_path / "prm", LatentPRM(latent_channels=4, text_dim=dim, hidden=8), {})
+
+
+def test_euphonium_rollouts_follow_the_process_reward_in_the_window_only(tmp_path):
+    from align.data import PromptDataset, load_prompt_items
+    from align.flow_grpo import collect_rollouts, compute_process_advantages, epoch_step_schedule, \
+        resolve_variant_defaults
+    from rewards import build_reward
+    from tests.test_flow_grpo import fresh_model, tiny_config
+
+    model = fresh_model().eval()
+    prm_dir = _prm_folder(tmp_path, model)
+    cfg = resolve_variant_defaults(tiny_config(tmp_path, variant="euphonium", sampler=dict(num_steps=8),
+                                               euphonium=dict(prm=str(prm_dir), guidance_lambda=50.0, distill_weight=1.0)))
+    types, params, trained = epoch_step_schedule(cfg, 0)
+    assert types == ["dance_sde"] * 6 + ["guided"] * 2 and trained == list(range(8))  # last quarter guided
+    assert params["guided"]["guidance_lambda"] == 50.0 and cfg.clip_range == 1e-4 and cfg.share_initial_noise
+
+    from align.euphonium import make_grad_fn
+    from rewards.process_reward import load_prm
+
+    prm = load_prm(prm_dir)
+    batch = PromptDataset(load_prompt_items("train"), seed=0).epoch_batch(0, 2, 4)
+    reward = build_reward("shapes_saturation")
+    params["guided"]["grad_fn"] = make_grad_fn(prm)
+    guided = collect_rollouts(model, reward, batch, cfg, 0, types, params)
+    plain_types = ["dance_sde"] * 8
+    plain = collect_rollouts(model, reward, batch, cfg, 0, plain_types, {"eta": cfg.sampler.eta})
+    a, b = guided.trajectory.latents, plain.trajectory.latents  # same seeds: same noise
+    assert torch.equal(a[:, :7], b[:, :7])  # identical until the first guided step's output
+    assert not torch.allclose(a[:, 7], b[:, 7])
+    assert sorted(guided.guided_means) == [6, 7] and guided.guided_means[6].shape == a[:, 6].shape
+    # the guided step raised r_p relative to the unguided one from the same state and noise
+    from align.euphonium import prompt_vector
+
+    text = prompt_vector(guided.cond)
+    sigma = guided.trajectory.sigmas[7].expand(len(a))
+    with torch.no_grad():
+        assert (prm(a[:, 7], sigma, text) > prm(b[:, 7], sigma, text)).float().mean() >= 0.75
+
+    class One:  # a single process
+        num_processes, device = 1, torch.device("cpu")
+
+    process, metrics = compute_process_advantages(cfg, prm, guided, batch, One())
+    assert process.shape == (8, 8) and process[:, :6].eq(0).all() and process[:, 6:].abs().sum() > 0
+    assert "process_reward_mean" in metrics
+
+
+def test_euphonium_trains_end_to_end_with_distillation(tmp_path):
+    from align.flow_grpo import train
+    from align.metrics import read_metrics_csv
+    from tests.test_flow_grpo import fresh_model, tiny_config
+
+    prm_dir = _prm_folder(tmp_path, fresh_model())
+    cfg = tiny_config(tmp_path, variant="euphonium", num_epochs=2, step_fraction=1.0,
+                      euphonium=dict(prm=str(prm_dir), guidance_lambda=1.0, distill_weight=1.0))
+    model = fresh_model()
+    train(cfg, model=model)
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["first_update_ratio_error"] == 0.0  # re-scoring under the unguided mean is exact
+        assert row["distill_kl"] > 0 and "process_reward_mean" in row
+    # zero-initialised lora_B moved, except the one that gets no gradient (see test_flow_grpo)
+    last = len(model.transformer.transformer_blocks) - 1
+    still_zero = {n for n, p in model.transformer.named_parameters() if "lora_B" in n and p.abs().sum() == 0}
+    assert still_zero == {f"transformer_blocks.{last}.attn.add_q_proj.lora_B.default.weight"}
+
+
+def test_euphonium_needs_a_process_reward_model(tmp_path):
+    from tests.test_flow_grpo import tiny_config
+
+    with pytest.raises(ValueError, match="euphonium.prm"):
+        tiny_config(tmp_path, variant="euphonium")
