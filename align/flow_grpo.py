@@ -50,8 +50,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
-from .euphonium import (EuphoniumConfig, distillation_kl, make_grad_fn, process_advantages, process_rewards,
-                        window_mask)
+from .euphonium import (EuphoniumConfig, distillation_kl, dual_clipped_loss, make_grad_fn, process_advantages,
+                        process_rewards, window_mask)
 from .losses import clipped_policy_loss, flow_grpo_kl
 from .metrics import MetricsLogger, TrainingProgress, write_summary
 from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
@@ -630,11 +630,11 @@ def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantage
                     ref = rescore_step(model, cond, traj, i)
             with transformer_as(model, policy):
                 new = rescore_step(model, cond, traj, i)  # log p of the stored transition, with grad
-            policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
-            if process is not None:  # dual-reward GRPO: a second clipped surrogate (0 outside the window)
-                process_loss, _ = clipped_policy_loss(new.log_prob, traj.log_probs[:, i],
-                                                      process[index, i].to(accelerator.device), cfg.clip_range)
-                policy_loss = policy_loss + process_loss
+            if process is None:
+                policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
+            else:  # dual-reward GRPO: outcome + process clipped surrogates (the latter 0 outside the window)
+                policy_loss, metrics = dual_clipped_loss(new.log_prob, traj.log_probs[:, i], adv,
+                                                         process[index, i].to(accelerator.device), cfg.clip_range)
             if cfg.kl_beta:
                 kl = flow_grpo_kl(new.mean, ref.mean, new.noise_scale)  # [b]
             distill = torch.zeros(len(mb), device=accelerator.device)  # [b]
