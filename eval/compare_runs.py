@@ -110,14 +110,19 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, c in curves.items():
+    algorithms = list(dict.fromkeys(c["algorithm"] for c in curves.values()))
+    seen: dict[str, int] = {}
+    for label, c in curves.items():  # one colour per algorithm, one line style per run of it
+        style = dict(color=f"C{algorithms.index(c['algorithm'])}", linestyle=["-", "--", ":", "-."][seen.get(
+            c["algorithm"], 0) % 4], marker="o", markersize=4, label=label)
+        seen[c["algorithm"]] = seen.get(c["algorithm"], 0) + 1
         x = [e["cpu_minutes"] for e in c["evals"]]
         strict = [e["strict"] for e in c["evals"]]
         se = [_se(e["strict"], e["n"]) for e in c["evals"]]
-        line, = axes[0].plot(x, strict, marker="o", label=label)
+        axes[0].plot(x, strict, **style)
         axes[0].fill_between(x, [s - d for s, d in zip(strict, se)], [s + d for s, d in zip(strict, se)],
-                             color=line.get_color(), alpha=0.15)
-        axes[1].plot(x, [e["quality"] for e in c["evals"]], marker="o", label=label)
+                             color=style["color"], alpha=0.08)
+        axes[1].plot(x, [e["quality"] for e in c["evals"]], **style)
     axes[0].set(xlabel="training CPU minutes", ylabel="held-out strict accuracy (± 1 SE)")
     axes[1].set(xlabel="training CPU minutes", ylabel="held-out shapes_quality (not optimised)")
     for ax in axes:
