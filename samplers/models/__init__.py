@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from .sd3 import SD3Adapter, SD3Cond
+from .wan import WanAdapter, WanCond
 
-FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter}
+FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter, "WanPipeline": WanAdapter}
 
 
 def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):

@@ -1,0 +1,325 @@
+"""Wan (2.1) family adapter: text-to-video flow models on `WanTransformer3DModel`.
+
+The same three calls as every adapter, on video latents [B, C, T', H', W']:
+
+    cond = model.encode_prompt(prompts)                 # WanCond, negative prompt inside
+    v = model.velocity(latents, sigma, cond, guidance)  # CFG inside, fp32 out
+    videos = model.decode(latents)                      # float in [0, 1], (B, 3, T, H, W)
+
+so every sampler (samplers/rollout.py, steps.py, generate.py) and trainer runs on video unchanged.
+Prompt encoding follows `WanPipeline._get_t5_prompt_embeds` exactly (diffusers' `prompt_clean`,
+padding to `max_sequence_length`, the encoder's last hidden state with the padded positions
+zeroed), and decoding follows the pipeline's de-normalisation (`latents_mean` / `latents_std`), so
+an ODE rollout reproduces `WanPipeline` with `FlowMatchEulerDiscreteScheduler` (tests/test_wan_adapter.py).
+
+VAEs. A Wan-family `AutoencoderKLWan` (causal 3-D, `scale_factor_temporal` x time compression:
+T frames <-> (T - 1) / 4 + 1 latent frames), or a per-frame image `AutoencoderKL` (each frame
+encoded and decoded on its own with its `scaling_factor` / `shift_factor`; T frames <-> T latent
+frames). The per-frame VAE is what the CPU toy ShapesWorld-Video model uses (it reuses the image
+toy's VAE); real Wan checkpoints use `AutoencoderKLWan`. The class is read from `vae/config.json`.
+
+Text encoders. Wan2.1's `UMT5EncoderModel` with its tokenizer (`tokenizer/`), or any transformers
+text encoder returning `last_hidden_state` (the toy uses a CLIP text encoder with the offline CLIP
+BPE, named by `"tokenizer": "clip"` in `genalign.json`, since no tokenizer files ship).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .common import BatchedCond, LoraAdapterMixin
+
+ADAPTER_SETTINGS_FILE = "genalign.json"
+# WanPipeline's defaults: 81 frames of 480x832, 50 steps, CFG 5; flow_shift 3.0 for 480p.
+WAN_VIDEO_SIZE = (81, 480, 832)
+WAN_DEFAULTS = {"num_steps": 50, "guidance": 5.0, "shift": 3.0}
+
+
+@dataclass
+class WanCond(BatchedCond):
+    """Text conditioning for a batch: prompt_embeds [B, L, D] (padded positions zero) and the
+    negative prompt's embeddings of the same shape (None without CFG)."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    _cfg_cache: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def cfg_pair(self) -> torch.Tensor:
+        """[2B, L, D]: unconditional rows first, built once on first use."""
+        if self._cfg_cache is None:
+            self._cfg_cache = torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
+        return self._cfg_cache
+
+
+def _is_wan_vae(vae) -> bool:
+    return "z_dim" in vae.config  # AutoencoderKLWan; an image AutoencoderKL has latent_channels
+
+
+class WanAdapter(LoraAdapterMixin, torch.nn.Module):
+    """Wan-family flow model: `WanTransformer3DModel` + a video or per-frame VAE + a text encoder.
+
+    Args:
+        transformer: `WanTransformer3DModel`.
+        vae: `AutoencoderKLWan` or an image `AutoencoderKL` applied frame by frame.
+        text_encoder, tokenizer: `UMT5EncoderModel` + its tokenizer, or any encoder/tokenizer pair.
+        max_sequence_length: text tokens (WanPipeline: 512 at call time).
+        video_size: native (num_frames, height, width) in pixels.
+        defaults: sampler settings of this checkpoint (num_steps, guidance, shift).
+        tokenizer_spec: "clip" when the tokenizer is rebuilt offline (then it is not saved).
+    """
+
+    family = "wan"
+    default_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, max_sequence_length: int = 512,
+                 video_size: Sequence[int] = WAN_VIDEO_SIZE, defaults: dict | None = None,
+                 tokenizer_spec: str | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.video_size = tuple(int(n) for n in video_size)
+        self.defaults = {**WAN_DEFAULTS, **(defaults or {})}
+        self.tokenizer_spec = tokenizer_spec
+
+    @staticmethod
+    def lora_pipeline():
+        from diffusers import WanPipeline
+
+        return WanPipeline
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def temporal_compression(self) -> int:
+        """Video frames per latent frame (after the first, for the causal Wan VAE); 1 per frame."""
+        return self.vae.config.scale_factor_temporal if _is_wan_vae(self.vae) else 1
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along height and width."""
+        if _is_wan_vae(self.vae):
+            return self.vae.config.scale_factor_spatial
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Native frame height in pixels (samplers' square `resolution` refers to it)."""
+        return self.video_size[1]
+
+    @property
+    def num_frames(self) -> int:
+        return self.video_size[0]
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for `num_frames` video frames."""
+        tf = self.temporal_compression
+        if tf > 1:
+            if num_frames % tf != 1:
+                raise ValueError(f"num_frames - 1 must be divisible by {tf} for this VAE, got {num_frames}")
+            return (num_frames - 1) // tf + 1
+        return num_frames
+
+    def latent_shape(self, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None) -> tuple[int, int, int, int]:
+        """(C, T', H/f, W/f) latent shape of a `num_frames` x `height` x `width` video (default:
+        native; a single `height` means a square frame only if the native frame is square)."""
+        frames, native_h, native_w = self.video_size
+        height = height or native_h
+        width = width or (height if native_h == native_w else native_w)
+        num_frames = num_frames or frames
+        f = self.vae_scale_factor
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        if height % (f * p_h) or width % (f * p_w):
+            raise ValueError(f"frame size {height}x{width} must be divisible by {f * p_h}x{f * p_w} for this model")
+        t = self.latent_frames(num_frames)
+        if t % p_t:
+            raise ValueError(f"{t} latent frames are not divisible by the temporal patch {p_t}")
+        return (self.transformer.config.in_channels, t, height // f, width // f)
+
+    # ------------------------------------------------------------------ text
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        inputs = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+                                max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        device = self.text_encoder.device
+        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, D]
+        # the pipeline keeps the first seq_len positions and zero-pads the rest
+        seq_lens = mask.gt(0).sum(dim=1)
+        keep = torch.arange(hidden.shape[1], device=device)[None, :] < seq_lens[:, None]  # [B, L]
+        return torch.where(keep[..., None], hidden, torch.zeros_like(hidden))
+
+    def encode_prompt(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
+                      grad: bool = False) -> WanCond:
+        """Encodes prompts (and the negative prompt for CFG; None disables it). [B] -> WanCond."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("encode_prompt got an empty prompt list")
+        with torch.set_grad_enabled(grad):
+            embeds = self._encode(prompts)
+            if negative_prompt is None:
+                return WanCond(embeds)
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            return WanCond(embeds, self._encode(negatives))
+
+    # ------------------------------------------------------------------ flow
+    def _transformer(self, latents, sigma, embeds):
+        # timesteps stay fp32: Wan keeps its time embedder in fp32 (_keep_in_fp32_modules)
+        out = self.transformer(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
+                               encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
+        return out.float()
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: WanCond,
+                 guidance: float = 1.0) -> torch.Tensor:
+        """Predicted velocity v = eps - x0 (fp32) with classifier-free guidance inside.
+
+        latents: [B, C, T', H', W']; sigma: scalar or [B] in [0, 1]. CFG runs only for guidance > 1
+        (as in diffusers); otherwise, or for a cond without negatives, the conditional branch.
+        """
+        b = latents.shape[0]
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
+        if guidance <= 1.0 or cond.negative_prompt_embeds is None:
+            return self._transformer(latents, sigma, cond.prompt_embeds)
+        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair())
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    # ------------------------------------------------------------------ pixels <-> latents
+    def _wan_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, inv_std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, T', h, w] latents -> videos float32 in [0, 1], [B, 3, T, H, W]."""
+        z = latents.to(self.vae.dtype)
+        if _is_wan_vae(self.vae):
+            mean, inv_std = self._wan_stats(z)
+            videos = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
+        else:
+            b, c, t, h, w = z.shape
+            cfg = self.vae.config
+            frames = z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            images = self.vae.decode(frames, return_dict=False)[0]
+            videos = images.reshape(b, t, *images.shape[1:]).permute(0, 2, 1, 3, 4)
+        return (videos.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, videos: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Videos in [0, 1], [B, 3, T, H, W] -> normalised latents (posterior mode unless `sample`)."""
+        x = (videos * 2 - 1).to(self.vae.dtype)
+        if _is_wan_vae(self.vae):
+            dist = self.vae.encode(x).latent_dist
+            z = dist.sample(generator) if sample else dist.mode()
+            mean, inv_std = self._wan_stats(z)
+            return ((z - mean) * inv_std).float()
+        b, _, t, h, w = x.shape
+        cfg = self.vae.config
+        dist = self.vae.encode(x.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        z = (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        return z.reshape(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, torch_dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", vae_dtype: torch.dtype = torch.float32,
+                        **kwargs) -> "WanAdapter":
+        """Loads a diffusers-layout Wan2.1 text-to-video checkpoint (local folder or hub id):
+        `transformer/`, `vae/` (`AutoencoderKLWan`, or an `AutoencoderKL` used per frame),
+        `text_encoder/` (`UMT5EncoderModel` or any class named in its config), `tokenizer/`.
+
+        The VAE is kept in fp32 (`vae_dtype`) as diffusers recommends for Wan. A `genalign.json`
+        beside `model_index.json` may set `max_sequence_length`, `video_size` [T, H, W], sampler
+        `defaults`, and `"tokenizer": "clip"` (the offline CLIP tokenizer, no `tokenizer/` folder);
+        otherwise the default shift is the scheduler's `flow_shift`/`shift` when present.
+        """
+        import diffusers
+        import transformers
+        from diffusers import WanTransformer3DModel
+
+        root = Path(path_or_id)
+        is_local = root.exists()
+        if not is_local and (str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1):
+            raise FileNotFoundError(f"model path not found: {path_or_id}")
+        src = str(path_or_id)
+
+        def local_json(*parts):
+            file = root.joinpath(*parts)
+            return json.loads(file.read_text()) if is_local and file.is_file() else {}
+
+        settings = local_json(ADAPTER_SETTINGS_FILE)
+        load = dict(torch_dtype=torch_dtype, **kwargs)
+        transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", **load)
+        vae_class = getattr(diffusers, local_json("vae", "config.json").get("_class_name", "AutoencoderKLWan"))
+        vae = vae_class.from_pretrained(src, subfolder="vae", **{**load, "torch_dtype": vae_dtype})
+        encoder_name = (local_json("text_encoder", "config.json").get("architectures") or ["UMT5EncoderModel"])[0]
+        text_encoder = getattr(transformers, encoder_name).from_pretrained(src, subfolder="text_encoder", **load)
+        max_sequence_length = settings.get("max_sequence_length", 512)
+        tokenizer_spec = settings.get("tokenizer")
+        if tokenizer_spec == "clip":
+            from .clip_tokenizer import build_clip_tokenizer
+
+            tokenizer = build_clip_tokenizer(max_sequence_length)
+        elif tokenizer_spec is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
+        else:
+            raise ValueError(f"{root / ADAPTER_SETTINGS_FILE}: unknown tokenizer {tokenizer_spec!r} (only 'clip')")
+        defaults = dict(settings.get("defaults") or {})
+        scheduler = local_json("scheduler", "scheduler_config.json")
+        if "shift" not in defaults and (scheduler.get("flow_shift") or scheduler.get("shift")):
+            defaults["shift"] = float(scheduler.get("flow_shift") or scheduler.get("shift"))
+        model = cls(transformer, vae, text_encoder, tokenizer, max_sequence_length=max_sequence_length,
+                    video_size=settings.get("video_size", WAN_VIDEO_SIZE), defaults=defaults,
+                    tokenizer_spec=tokenizer_spec)
+        return model.to(device).eval().requires_grad_(False)
+
+    def save_pretrained(self, directory: str | Path, settings: dict | None = None) -> Path:
+        """Writes the components in diffusers' WanPipeline layout (`model_index.json`, a
+        `FlowMatchEulerDiscreteScheduler` with the default shift, `genalign.json` settings)."""
+        import diffusers
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(root / "transformer")
+        self.vae.save_pretrained(root / "vae")
+        self.text_encoder.save_pretrained(root / "text_encoder")
+        FlowMatchEulerDiscreteScheduler(shift=self.defaults["shift"]).save_pretrained(root / "scheduler")
+        tokenizer_entry = [None, None]
+        if self.tokenizer_spec is None:
+            self.tokenizer.save_pretrained(root / "tokenizer")
+            tokenizer_entry = ["transformers", type(self.tokenizer).__name__]
+        index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+                 "boundary_ratio": None, "expand_timesteps": False,
+                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 "text_encoder": ["transformers", type(self.text_encoder).__name__],
+                 "tokenizer": tokenizer_entry,
+                 "transformer": ["diffusers", type(self.transformer).__name__],
+                 "transformer_2": [None, None],
+                 "vae": ["diffusers", type(self.vae).__name__]}
+        (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        all_settings = {"max_sequence_length": self.max_sequence_length, "video_size": list(self.video_size),
+                        "defaults": self.defaults,
+                        **({"tokenizer": self.tokenizer_spec} if self.tokenizer_spec else {}), **(settings or {})}
+        (root / ADAPTER_SETTINGS_FILE).write_text(json.dumps(all_settings, indent=2) + "\n")
+        return root
