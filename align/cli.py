@@ -47,10 +47,11 @@ def _add_sample(sub) -> None:
     from .config import describe_config
     from .sample import SampleConfig
 
-    p = sub.add_parser("sample", help="generate images (built-in ShapesWorld model by default)",
-                       description="Generate images from a flow model. With no prompts and the ShapesWorld "
-                                   "model, prompts cycle through a ShapesWorld split. --num is the total number "
-                                   "of images; prompts are used in turn.",
+    p = sub.add_parser("sample", help="generate images or videos (built-in ShapesWorld model by default)",
+                       description="Generate images (SD3-family models) or videos (Wan-family models) from a flow "
+                                   "model. With no prompts and the ShapesWorld model, prompts cycle through a "
+                                   "ShapesWorld split. --num is the total number of samples; prompts are used in "
+                                   "turn.",
                        epilog=EXAMPLES + "\nconfig keys (YAML or key=value):\n" + describe_config(SampleConfig),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="sampling YAML (see configs/shapes/sample.yaml); optional")
@@ -64,7 +65,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--num", type=int, help="total images (default: one per prompt, 16 without prompts)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default 0)")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
-                   help="a .png path writes a captioned grid; a folder gets one PNG per image + samples.jsonl")
+                   help="a .png path writes a captioned grid (videos: filmstrips); a folder gets one PNG per "
+                        "image or one .mp4 per video + samples.jsonl")
     p.add_argument("--model", help="shortcut for model=... (shapesworld, a folder or a hub id)")
     p.set_defaults(func=_run_sample)
 
@@ -233,6 +235,18 @@ def _add_pretrain(sub) -> None:
                                    "the defaults are the shipped model's settings.")
     add_arguments(p)
     p.set_defaults(func=_run_pretrain)
+
+    # `align pretrain-video-toy`: the ShapesWorld-Video base model (align/pretrain_video_toy.py)
+    from .pretrain_video_toy import add_arguments as add_video_arguments, main as pretrain_video
+
+    v = sub.add_parser("pretrain-video-toy", help="train the ShapesWorld-Video base model from scratch (CPU)",
+                       description="Train the ShapesWorld-Video text-to-video model (a WanTransformer3DModel on "
+                                   "the image toy's frozen per-frame VAE; its text encoder starts from the image "
+                                   "toy's) with rectified-flow matching on clips of train-split prompts, then "
+                                   "report held-out direction / strict / partial accuracy from the centroid-"
+                                   "tracking verifier. Seeded; the defaults are the shipped model's settings.")
+    add_video_arguments(v)
+    v.set_defaults(func=pretrain_video)
 
     # `align train-shapes-clip`: the ShapesWorld CLIP reward model (rewards/shapes_clip.py)
     from rewards.shapes_clip import add_arguments as add_shapes_clip_arguments, main as train_shapes_clip

@@ -17,12 +17,10 @@ import torch
 
 from .config import doc
 
-__all__ = ["SD3_LORA_TARGETS", "LoraSettings", "WEIGHT_DTYPES", "resolve_mixed_precision", "resolve_attention_backend",
+__all__ = ["LoraSettings", "WEIGHT_DTYPES", "resolve_mixed_precision", "resolve_attention_backend",
            "make_accelerator", "load_flow_model", "setup_trainable", "configure_transformer", "transformer_as",
            "reference_policy"]
 
-SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 # accelerate's mixed_precision -> dtype of the frozen weights (trainable weights stay fp32)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,14 +31,15 @@ class LoraSettings:
 
     rank: int = doc(32, "LoRA rank; 0 fine-tunes every transformer weight (reference = a frozen copy).")
     alpha: int | None = doc(64, "LoRA alpha (the update is scaled by alpha / rank); null = 2 * rank.")
-    targets: list[str] = doc(SD3_LORA_TARGETS, "Module name suffixes that get LoRA (Flow-GRPO: attention q/k/v/out "
-                                               "and the add_* context projections).")
+    targets: list[str] | None = doc(None, "Module name suffixes that get LoRA; null = the model family's "
+                                          "defaults (SD3: attention q/k/v/out and the add_* context projections, "
+                                          "as in Flow-GRPO; Wan: self- and cross-attention q/k/v/out).")
 
     def __post_init__(self):
         if self.rank < 0:
             raise ValueError("lora.rank must be >= 0 (0 = full fine-tune)")
-        if self.rank and not self.targets:
-            raise ValueError("lora.targets must name at least one module")
+        if self.rank and self.targets is not None and not self.targets:
+            raise ValueError("lora.targets must name at least one module (or be null for the model's defaults)")
 
 
 def resolve_mixed_precision(name: str, cuda_available: bool | None = None) -> str:
@@ -115,7 +114,8 @@ def setup_trainable(model, lora: LoraSettings, weight_dtype: torch.dtype, frozen
             reference = copy.deepcopy(model.transformer).to(weight_dtype).requires_grad_(False).eval()
         model.transformer.requires_grad_(True)
         trainable = dict(model.transformer.named_parameters())
-    for module in (model.vae, model.text_encoder, model.text_encoder_2, model.text_encoder_3):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):  # Wan has one text encoder
+        module = getattr(model, name, None)
         if module is not None and weight_dtype != torch.float32:
             module.to(weight_dtype)
     return trainable, reference

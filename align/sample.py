@@ -1,4 +1,4 @@
-"""`align sample`: generate images from a flow model (the built-in ShapesWorld model by default)."""
+"""`align sample`: generate images or videos from a flow model (the built-in ShapesWorld model by default)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from samplers.steps import STEPS
 from .config import doc, register_config
 
 SAMPLER_NAMES = tuple(STEPS)
+VIDEO_FPS = 4.0  # frame rate written into sampled .mp4 files
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,11 +102,12 @@ def shapesworld_prompts(split: str, per_tag: int | None = None) -> list[dict]:
 
 
 def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Path, progress=None) -> Path:
-    """Samples `num` images cycling through `items`; writes a captioned grid (.png `out`) or a
-    folder of PNGs plus samples.jsonl (prompt, seed, meta per file)."""
+    """Samples `num` images (or videos) cycling through `items`; writes a captioned grid (.png
+    `out`; videos as filmstrips) or a folder of PNGs (videos: lossless H.264 .mp4, readable by
+    `align score`) plus samples.jsonl (file, prompt, seed, meta per sample)."""
     from PIL import Image
 
-    from eval.grid import save_caption_grid, to_uint8_images
+    from eval.grid import save_caption_grid, to_uint8_images, to_uint8_videos
     from samplers.generate import generate
 
     if not items:
@@ -122,10 +124,18 @@ def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Pa
     if out.suffix.lower() == ".png":
         return save_caption_grid(images, [c["prompt"] for c in chosen], out)
     out.mkdir(parents=True, exist_ok=True)
+    video = images.ndim == 5
     lines = []
-    for i, (array, item, s) in enumerate(zip(to_uint8_images(images), chosen, seeds)):
-        name = f"{i:05d}.png"
-        Image.fromarray(array).save(out / name)
+    for i, (array, item, s) in enumerate(zip(to_uint8_videos(images) if video else to_uint8_images(images),
+                                             chosen, seeds)):
+        if video:
+            from rewards.video_io import write_video
+
+            name = f"{i:05d}.mp4"
+            write_video(out / name, array, fps=VIDEO_FPS, quality=0)
+        else:
+            name = f"{i:05d}.png"
+            Image.fromarray(array).save(out / name)
         lines.append(json.dumps({"file": name, "prompt": item["prompt"], "seed": s,
                                  **({"meta": item["meta"]} if "meta" in item else {})}))
     tmp = out / "samples.jsonl.tmp"

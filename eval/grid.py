@@ -13,10 +13,24 @@ from PIL import Image, ImageDraw, ImageFont
 from rewards.shapes import to_uint8_images as to_uint8_hwc
 
 
+def to_uint8_videos(videos) -> np.ndarray:
+    """Float videos [N, 3, T, H, W] in [0, 1] (tensor or array) -> uint8 (N, T, H, W, 3)."""
+    videos = torch.as_tensor(videos).detach().float()
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"videos must be [N, 3, T, H, W], got shape {tuple(videos.shape)}")
+    return (videos.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
 def to_uint8_images(images) -> list[np.ndarray]:
-    """Float [N, 3, H, W] in [0, 1] (tensor or array) or uint8 HWC list -> list of uint8 HWC."""
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] in (1, 3):
+    """Float [N, 3, H, W] in [0, 1] (tensor or array) or uint8 HWC list -> list of uint8 HWC.
+    Float videos [N, 3, T, H, W] become filmstrips (frames left to right), so every grid and
+    report shows video samples too."""
+    if isinstance(images, np.ndarray) and images.ndim in (4, 5) and images.shape[1] in (1, 3):
         images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 5:
+        from eval.shapes_video import filmstrip
+
+        return [filmstrip(clip) for clip in to_uint8_videos(images)]
     if isinstance(images, torch.Tensor):
         images = to_uint8_hwc(images)
     return [np.asarray(im) for im in images]

@@ -47,6 +47,35 @@ def test_sample_folder_and_grid(tiny_model_dir, tmp_path):
     assert Image.open(grid).size[0] > 32
 
 
+def test_sample_videos_to_mp4_folder_and_filmstrip_grid(tmp_path):
+    """A Wan-family model through `align sample`: one .mp4 per video (decodable, ~lossless) and a
+    grid of filmstrips."""
+    import torch
+
+    from rewards.video_io import read_video
+    from samplers.generate import generate
+    from samplers.models.shapesworld_video import toy_video_components
+
+    model = toy_video_components("test", seed=0)
+    model.save_pretrained(tmp_path / "video_model")
+    out = tmp_path / "clips"
+    prompt = "a red circle moving left"
+    assert main(["sample", "--model", str(tmp_path / "video_model"), "--prompt", prompt, "--num", "2",
+                 "--out", str(out), "num_steps=2"]) == 0
+    lines = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [l["file"] for l in lines] == ["00000.mp4", "00001.mp4"]
+    frames, height, width = model.video_size
+    clip = read_video(out / "00001.mp4", fps=1000, max_frames=frames, max_pixels=10**6).frames  # (T, H, W, 3)
+    assert clip.shape == (frames, height, width, 3)
+    expected = generate(model, [prompt], seeds=[1], num_steps=2)[0]  # [3, T, H, W], seed 0 + 1
+    expected = (expected.clamp(0, 1) * 255).round().permute(1, 2, 3, 0).numpy()
+    assert np.abs(clip.astype(float) - expected).max() <= 4  # RGB <-> YUV 4:4:4 rounding only
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tmp_path / "video_model"), "--prompt", prompt, "--num", "2",
+                 "--out", str(grid), "num_steps=2"]) == 0
+    assert Image.open(grid).size[0] > 2 * frames * width  # two filmstrips side by side
+
+
 def test_sample_per_tag_is_balanced(tiny_model_dir, tmp_path):
     out = tmp_path / "balanced"
     assert main(["sample", "--model", str(tiny_model_dir), "--per-tag", "2", "--out", str(out), "num_steps=1"]) == 0

@@ -17,13 +17,14 @@ that length to 0 (its `genalign.json`), which the pipeline reproduces with
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .common import LoraAdapterMixin
 
 ADAPTER_SETTINGS_FILE = "genalign.json"  # optional per-checkpoint adapter settings
 
@@ -75,7 +76,7 @@ class SD3Cond:
             for f in fields(first) if f.init})
 
 
-class SD3Adapter(torch.nn.Module):
+class SD3Adapter(LoraAdapterMixin, torch.nn.Module):
     """SD3-family flow model: `SD3Transformer2DModel` + `AutoencoderKL` + CLIP (+ optional T5).
 
     Args:
@@ -88,6 +89,15 @@ class SD3Adapter(torch.nn.Module):
     """
 
     family = "sd3"
+    # Flow-GRPO's targets: attention q/k/v/out and the add_* context projections
+    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+    @staticmethod
+    def lora_pipeline():
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
 
     def __init__(self, transformer, vae, text_encoders, tokenizers, text_encoder_3=None, tokenizer_3=None,
                  max_sequence_length: int = 256, defaults: dict | None = None):
@@ -210,58 +220,6 @@ class SD3Adapter(torch.nn.Module):
         dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return ((z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
-
-    # ------------------------------------------------------------------ LoRA (peft)
-    def add_lora(self, rank: int = 32, alpha: int | None = None, target_modules: Sequence[str] | None = None,
-                 dropout: float = 0.0, adapter_name: str = "default") -> None:
-        """Attaches a peft LoRA adapter to the transformer (Flow-GRPO targets by default)."""
-        from peft import LoraConfig
-
-        targets = list(target_modules or ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                                          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-                                          "attn.to_add_out"))
-        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, init_lora_weights="gaussian",
-                            target_modules=targets, lora_dropout=dropout)
-        self.transformer.add_adapter(config, adapter_name=adapter_name)
-
-    @contextlib.contextmanager
-    def lora_disabled(self):
-        """Runs the base model (the Flow-GRPO reference) inside the block."""
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
-
-    def save_lora(self, directory: str | Path) -> Path:
-        """Writes `pytorch_lora_weights.safetensors` in the layout diffusers'
-        `StableDiffusion3Pipeline.load_lora_weights` reads."""
-        from diffusers import StableDiffusion3Pipeline
-
-        # the adapter metadata (rank, alpha, targets) travels in the file so the scale is right
-        metadata = self.transformer.peft_config["default"].to_dict()
-        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict(),
-                                                   transformer_lora_adapter_metadata=metadata)
-        return Path(directory) / "pytorch_lora_weights.safetensors"
-
-    def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
-        """Loads a LoRA saved by `save_lora` (or any diffusers SD3 LoRA: a folder or a
-        .safetensors file) into the transformer, with the rank/alpha stored in its metadata."""
-        from diffusers import StableDiffusion3Pipeline
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"LoRA weights not found: {path}")
-        folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
-        state_dict, metadata = StableDiffusion3Pipeline.lora_state_dict(
-            str(folder), weight_name=weight_name, return_lora_metadata=True)
-        self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name,
-                                           metadata=metadata)
 
     # ------------------------------------------------------------------ loading
     @classmethod
