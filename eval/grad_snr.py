@@ -11,7 +11,11 @@ every sample s it computes two per-sample gradients over the LoRA weights:
   all nine trained steps, or over the steps 0-2 (high noise: layout), 3-5 or 6-8 (details);
 - forward process (the advantage-weighted flow-matching direction of the CRD / DiffusionNFT
   family): g_s = -A_s grad mean_t ||v(x_t, t) - (eps - x0_s)||^2 over 4 stratified t, x0_s the
-  sample's final latent, at guidance 1.
+  sample's final latent, at guidance 1;
+- with ``--step-values``, step-level credit: V(x_k) = the verifier's score of the deterministic
+  ODE completion from x_k (V of the final state = the outcome), and each step's own advantage
+  A_s,k = V(x_k+1) - V(x_k) over the batch std of those differences (a TD(0) advantage with an
+  ODE-rollout value), g_s = sum_k A_s,k grad log p(x_k+1 | x_k).
 
 For each estimator it prints the signal and noise of the batch gradient: with mean m and total
 per-sample variance V over the N samples, ||E g||^2 is estimated without bias as ||m||^2 - V / N;
@@ -45,6 +49,21 @@ def signal_and_noise(grads: torch.Tensor, halves: tuple[torch.Tensor, torch.Tens
             "split_half_cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
 
 
+@torch.no_grad()
+def ode_completion_values(model, cond, latents: torch.Tensor, sigmas: torch.Tensor, guidance: float,
+                          score) -> torch.Tensor:
+    """[N, S + 1] V(x_k) = score(deterministic Euler ODE completion from latents[:, k] at sigma_k);
+    V(x_S) = score of the final latents themselves."""
+    steps = len(sigmas) - 1
+    values = torch.zeros(latents.shape[0], steps + 1)
+    for k in range(steps + 1):
+        x = latents[:, k]
+        for i in range(k, steps):
+            x = x + (sigmas[i + 1] - sigmas[i]) * model.velocity(x, sigmas[i], cond, guidance=guidance)
+        values[:, k] = score(x)
+    return values
+
+
 def main(argv=None) -> None:
     from align.data import derive_seed
     from align.flow_grpo import _encode
@@ -60,6 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--group-size", type=int, default=8, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="shapesworld")
+    parser.add_argument("--step-values", action="store_true",
+                        help="also the step-level (TD) advantages from ODE-completion values (10 more ODE solves)")
     args = parser.parse_args(argv)
     if args.groups < 2 or args.groups % 2 or args.group_size < 2:
         parser.error("--groups must be even and >= 2, --group-size >= 2")
@@ -77,26 +98,39 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
     traj = rollout(model, cond, sigmas, step_types="flow_grpo_sde", step_params={"noise_level": 0.7},
                    guidance=guidance, batch_size=len(items), generator=generator)
-    with torch.no_grad():
-        scores = build_reward("shapes_geneval")(model.decode(traj.final), prompts,
-                                                metadata=[item.get("meta") for item in items]).scores.float()
+    verifier, metadata = build_reward("shapes_geneval"), [item.get("meta") for item in items]
+
+    def score(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return verifier(model.decode(latents), prompts, metadata=metadata).scores.float()
+
+    scores = score(traj.final)
     groups = scores.view(args.groups, args.group_size)
     advantages = ((groups - groups.mean(1, keepdim=True)) / scores.std().clamp_min(1e-4)).reshape(-1)
     print(f"{len(items)} samples: reward {scores.mean():.3f}, within-group std {groups.std(1).mean():.3f}")
 
+    td = None
+    if args.step_values:
+        diffs = ode_completion_values(model, cond, traj.latents, sigmas, guidance, score).diff(dim=1)  # [N, S]
+        td = diffs / diffs.std().clamp_min(1e-4)
+
     spans = {"all 9 steps": range(0, 9), "steps 0-2": range(0, 3), "steps 3-5": range(3, 6),
              "steps 6-8": range(6, 9)}
-    estimators = {**{f"policy gradient, {k}": [] for k in spans}, "forward process (4 t)": []}
+    estimators = {**{f"policy gradient, {k}": [] for k in spans}, "forward process (4 t)": [],
+                  **({"step-level TD advantages": []} if td is not None else {})}
     fm_generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
     for s in range(len(items)):
         one, sample = cond.index(torch.tensor([s])), traj.select(torch.tensor([s]))
-        step_grads = []
+        step_grads = []  # grad of -log p(x_i+1 | x_i), one per trained step
         for i in range(steps - 1):
             model.transformer.zero_grad(set_to_none=True)
-            (-advantages[s] * rescore_step(model, one, sample, i).log_prob.sum()).backward()
+            (-rescore_step(model, one, sample, i).log_prob.sum()).backward()
             step_grads.append(flat_grad(params))
+        step_grads = torch.stack(step_grads)
         for span, steps_in in spans.items():
-            estimators[f"policy gradient, {span}"].append(torch.stack([step_grads[i] for i in steps_in]).sum(0))
+            estimators[f"policy gradient, {span}"].append(advantages[s] * step_grads[list(steps_in)].sum(0))
+        if td is not None:
+            estimators["step-level TD advantages"].append(td[s, :steps - 1] @ step_grads)
         model.transformer.zero_grad(set_to_none=True)
         x0 = sample.final.expand(4, *sample.final.shape[1:])
         t = (torch.arange(4) + torch.rand(4, generator=fm_generator)) / 4  # stratified in (0, 1)

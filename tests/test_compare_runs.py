@@ -92,3 +92,35 @@ def test_gradient_signal_to_noise_estimate():
     assert r["split_half_cosine"] > 0.8  # 2000 samples per half >> 200: both halves see the mean
     pure_noise = signal_and_noise(torch.randn(n, p, generator=gen), halves)
     assert abs(pure_noise["split_half_cosine"]) < 0.2
+
+
+def test_ode_completion_values_are_the_scores_of_deterministic_completions():
+    """eval.grad_snr's step values: V(x_S) scores the final latents, V(x_k) the Euler ODE run
+    from x_k (from x_0 it is the ODE sampler's own sample)."""
+    import torch
+
+    from align.flow_grpo import _encode
+    from eval.grad_snr import ode_completion_values
+    from samplers.models.shapesworld import toy_components
+    from samplers.rollout import rollout
+    from samplers.schedules import flow_sigmas
+
+    model = toy_components("test", seed=0).eval().requires_grad_(False)
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    cond = _encode(model, prompts, 3.0, "")
+    sigmas = flow_sigmas(4, shift=3.0)
+    traj = rollout(model, cond, sigmas, step_types="flow_grpo_sde", step_params={"noise_level": 0.7},
+                   guidance=3.0, batch_size=2, generator=torch.Generator().manual_seed(0))
+
+    def score(latents):  # any deterministic function of the completed latents
+        return latents.flatten(1).mean(1)
+
+    values = ode_completion_values(model, cond, traj.latents, sigmas, 3.0, score)
+    assert values.shape == (2, 5)
+    torch.testing.assert_close(values[:, 4], score(traj.latents[:, 4]))
+    with torch.no_grad():
+        last = traj.latents[:, 3] + (sigmas[4] - sigmas[3]) * model.velocity(traj.latents[:, 3], sigmas[3], cond, 3.0)
+    torch.testing.assert_close(values[:, 3], score(last))
+    ode = rollout(model, cond, sigmas, step_types="ode", guidance=3.0, batch_size=2,
+                  generator=torch.Generator().manual_seed(0))  # same initial noise, deterministic steps
+    torch.testing.assert_close(values[:, 0], score(ode.final), atol=1e-5, rtol=1e-5)
