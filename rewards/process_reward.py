@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "prm.safetensors"
 
-__all__ = ["LatentPRM", "prompt_vectors", "save_prm", "load_prm", "fit_prm", "train_prm", "evaluate_prm", "spearman"]
+__all__ = ["LatentPRM", "prompt_vectors", "save_prm", "load_prm", "fit_prm", "train_prm", "evaluate_prm", "spearman",
+           "tweedie_estimate"]
 
 
 def spearman(a, b) -> float:
@@ -219,13 +220,27 @@ def train_prm(store: str | Path, out: str | Path | None = None, *, model: str = 
 
 
 @torch.no_grad()
-def evaluate_prm(prm: LatentPRM, *, model: str = "shapesworld", reward: str = "shapes_geneval", split: str = "test",
-                 prompts_per_tag: int = 8, group_size: int = 8, num_steps: int = 10, guidance: float = 4.5,
-                 shift: float = 3.0, steps: Sequence[int] = (0, 2, 4, 6, 8, 10), seed: int = 1234) -> list[dict]:
+def tweedie_estimate(flow, latents: Tensor, sigma: Tensor, cond, guidance: float, batch_size: int = 64) -> Tensor:
+    """x0_hat = x_t - sigma v(x_t): the flow's one-step (Tweedie) estimate of the clean latent."""
+    chunks = []
+    for start in range(0, latents.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        x = latents[part]
+        chunks.append(x - sigma * flow.velocity(x, sigma, cond.index(part), guidance=guidance))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: str = "shapes_geneval",
+                 split: str = "test", prompts_per_tag: int = 8, group_size: int = 8, num_steps: int = 10,
+                 guidance: float = 4.5, shift: float = 3.0, steps: Sequence[int] = (0, 2, 4, 6, 8, 10),
+                 seed: int = 1234, tweedie: Sequence[str] = ()) -> list[dict]:
     """Spearman of r_p(x_t) with the final reward along ODE trajectories of held-out prompts.
 
     Returns one row per step index: {"step", "sigma", "pooled", "within_group"} (within_group:
-    mean over prompt groups whose rewards are not all equal).
+    mean over prompt groups whose rewards are not all equal). ``tweedie``: reward names scored
+    on the decoded Tweedie estimate x0_hat(x_t) (:func:`tweedie_estimate`), a training-free
+    process reward, reported as "<name>:pooled" / "<name>:within_group" (prm None: only these).
     """
     from align.flow_grpo import _encode
     from align.sample import shapesworld_prompts
@@ -236,21 +251,35 @@ def evaluate_prm(prm: LatentPRM, *, model: str = "shapesworld", reward: str = "s
 
     flow = load_flow_model(model)
     items = [item for item in shapesworld_prompts(split, prompts_per_tag) for _ in range(group_size)]
-    prompts = [item["prompt"] for item in items]
+    prompts, metadata = [item["prompt"] for item in items], [item.get("meta") for item in items]
     sigmas = flow_sigmas(num_steps, shift=shift)
-    traj = rollout(flow, _encode(flow, prompts, guidance, ""), sigmas, step_types="ode", guidance=guidance,
-                   batch_size=len(items), generator=torch.Generator().manual_seed(seed))
-    outcome = build_reward(reward)(flow.decode(traj.final), prompts,
-                                   metadata=[item.get("meta") for item in items]).scores.float().numpy()
+    cond = _encode(flow, prompts, guidance, "")
+    traj = rollout(flow, cond, sigmas, step_types="ode", guidance=guidance, batch_size=len(items),
+                   generator=torch.Generator().manual_seed(seed))
+    outcome = build_reward(reward)(flow.decode(traj.final), prompts, metadata=metadata).scores.float().numpy()
     text = prompt_vectors(flow, prompts)
     groups = np.repeat(np.arange(len(items) // group_size), group_size)
-    rows = []
-    for i in steps:
-        pred = prm(traj.latents[:, i], sigmas[i].expand(len(items)), text).numpy()
+    references = {name: build_reward(name) for name in tweedie}
+
+    def correlations(pred: np.ndarray, prefix: str = "") -> dict:
         within = [spearman(pred[groups == g], outcome[groups == g]) for g in np.unique(groups)]
         within = [w for w in within if math.isfinite(w)]
-        rows.append({"step": int(i), "sigma": round(float(sigmas[i]), 3), "pooled": spearman(pred, outcome),
-                     "within_group": float(np.mean(within)) if within else math.nan})
+        return {prefix + "pooled": spearman(pred, outcome),
+                prefix + "within_group": float(np.mean(within)) if within else math.nan}
+
+    rows = []
+    for i in steps:
+        row = {"step": int(i), "sigma": round(float(sigmas[i]), 3)}
+        if prm is not None:
+            row |= correlations(prm(traj.latents[:, i], sigmas[i].expand(len(items)), text).numpy())
+        if references:
+            x0_hat = tweedie_estimate(flow, traj.latents[:, i], sigmas[i], cond, guidance) if i < num_steps \
+                else traj.final
+            images = flow.decode(x0_hat)
+            for name, ref in references.items():
+                scores = ref(images, prompts, metadata=metadata).scores.float().numpy()
+                row |= correlations(scores, f"{name}:")
+        rows.append(row)
     return rows
 
 

@@ -107,6 +107,28 @@ def test_evaluation_on_ode_trajectories_runs_end_to_end():
     assert all(math.isfinite(r["pooled"]) for r in rows)
 
 
+def test_tweedie_reference_is_the_outcome_at_the_end_and_a_one_step_estimate_before():
+    """The training-free process reward: the reward of the decoded Tweedie estimate. At the final
+    state it is the outcome itself (Spearman 1); before, it scores x_t - sigma v(x_t)."""
+    from align.flow_grpo import _encode
+    from align.runtime import load_flow_model
+    from rewards.process_reward import tweedie_estimate
+
+    rows = evaluate_prm(None, model="toy:test", reward="shapes_saturation", prompts_per_tag=1, group_size=3,
+                        num_steps=2, steps=(1, 2), tweedie=["shapes_saturation"])
+    assert [r["step"] for r in rows] == [1, 2] and "pooled" not in rows[0]
+    assert rows[1]["shapes_saturation:pooled"] == pytest.approx(1.0)
+    assert rows[1]["shapes_saturation:within_group"] == pytest.approx(1.0)
+    assert math.isfinite(rows[0]["shapes_saturation:pooled"])
+
+    flow = load_flow_model("toy:test")
+    cond = _encode(flow, ["a circle", "a square"], 2.0, "")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(0.6)
+    expected = x - sigma * flow.velocity(x, sigma, cond, guidance=2.0)
+    torch.testing.assert_close(tweedie_estimate(flow, x, sigma, cond, 2.0, batch_size=1), expected)
+
+
 def prompt_vectors_dim() -> int:
     from align.runtime import load_flow_model
 
