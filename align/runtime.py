@@ -86,11 +86,16 @@ def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool =
 
 
 def load_flow_model(spec: str, device: torch.device | str = "cpu"):
-    """A FlowModel adapter: "toy:<size>" (fresh random toy model, tests), "shapesworld", a folder or hub id."""
+    """A FlowModel adapter: "toy:<size>" / "toy_video:<size>" (fresh random image / video toy model,
+    tests), "shapesworld", "shapesworld_video", a folder or hub id."""
     if spec.startswith("toy:"):  # a freshly initialised toy model of the named size (tests, smoke runs)
         from samplers.models.shapesworld import toy_components
 
         return toy_components(spec.removeprefix("toy:"), seed=0).to(device)
+    if spec.startswith("toy_video:"):
+        from samplers.models.shapesworld_video import toy_video_components
+
+        return toy_video_components(spec.removeprefix("toy_video:"), seed=0).to(device)
     from samplers.models import load_model
 
     return load_model(spec, device=device)

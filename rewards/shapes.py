@@ -136,14 +136,15 @@ class ShapesQualityReward(Reward):
     can hold: the background, a palette colour, or an anti-aliased mix of the two
     (``eval.shapes.palette_residual``).
 
-    Raw range [0, 1]; clean renders score 1.0. Prompt-blind and not differentiable; images
-    only. extras: "mean_residual" [B] (mean RGB distance, lower is better).
+    Raw range [0, 1]; clean renders score 1.0. Prompt-blind and not differentiable; images, or
+    videos (ShapesWorld-Video frames are ShapesWorld images: the mean over frames). extras:
+    "mean_residual" [B] (mean RGB distance, lower is better).
     """
 
     name = "shapes_quality"
     raw_range = (0.0, 1.0)
     differentiable = False
-    modalities = (IMAGE,)
+    modalities = (IMAGE, VIDEO)
     requires_prompts = False
 
     def __init__(self, tolerance: float = 24.0):
@@ -152,9 +153,12 @@ class ShapesQualityReward(Reward):
         self.tolerance = tolerance
 
     def score(self, samples: Tensor, prompts=None, **kwargs) -> RewardOutput:
-        residuals = [palette_residual(image) for image in to_uint8_images(samples)]
-        clean = torch.tensor([float((r <= self.tolerance).mean()) for r in residuals])
-        return RewardOutput(clean, {"mean_residual": torch.tensor([float(r.mean()) for r in residuals])})
+        frames = samples.shape[2] if samples.ndim == 5 else 1
+        images = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # [B*T, 3, H, W]
+        residuals = [palette_residual(image) for image in to_uint8_images(images)]
+        clean = torch.tensor([float((r <= self.tolerance).mean()) for r in residuals]).view(-1, frames).mean(1)
+        mean_residual = torch.tensor([float(r.mean()) for r in residuals]).view(-1, frames).mean(1)
+        return RewardOutput(clean, {"mean_residual": mean_residual})
 
 
 @register_reward("shapes_saturation")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from align.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from align.config import load_any_config, load_config
@@ -23,6 +24,7 @@ from align.flow_grpo import (
     train,
 )
 from align.metrics import read_metrics_csv
+from align.runtime import load_flow_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +109,29 @@ def test_one_epoch_of_each_variant_updates_every_lora_weight(tmp_path, variant):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
     name, saved = load_any_config(run / "config.yaml")
     assert name == "flow_grpo" and saved == resolve_variant_defaults(cfg)
+
+
+@pytest.mark.parametrize("variant", ["flow_grpo", "dance"])
+def test_one_epoch_on_a_video_model(tmp_path, variant):
+    """The same trainer on a Wan-family video model (4 frames of 16 px): SDE log-probs over video
+    latents, LoRA on the Wan attention (the family's default targets), filmstrip sample grids."""
+    cfg = tiny_config(tmp_path, model="toy_video:test", variant=variant, eval_every=1)
+    assert cfg.lora.targets is None  # the model family's default LoRA targets
+    model = load_flow_model("toy_video:test")
+    torch.manual_seed(cfg.seed)
+    reference = load_flow_model("toy_video:test")
+    reference.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    before = trainable_state(reference, lora=True)
+    metrics = train(cfg, model=model)
+    after = trainable_state(model, lora=True)
+    assert after.keys() == before.keys() and any("attn1.to_q" in n for n in after)
+    unchanged = {n for n in after if torch.equal(after[n], before[n])}
+    assert not unchanged, f"LoRA weights not updated: {sorted(unchanged)[:3]}"
+    assert_first_update_ratio_is_one(metrics)
+    assert math.isfinite(metrics["reward_mean"]) and math.isfinite(metrics["eval_reward_mean"])
+    grid = Path(cfg.output_dir) / "samples" / "epoch_0001.png"
+    frames, _, width = model.video_size
+    assert grid.is_file() and Image.open(grid).size[0] > frames * width  # filmstrips, not single frames
 
 
 def test_full_fine_tune_with_kl_to_a_frozen_copy(tmp_path):

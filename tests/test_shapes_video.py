@@ -146,3 +146,22 @@ def test_shipped_prompt_files_match_the_splits():
     for split in ("train", "test"):
         lines = (folder / f"prompts_{split}.txt").read_text().splitlines()
         assert lines == [m["prompt"] for m in video_prompts(split)]
+
+
+def test_quality_monitor_scores_clips_as_the_mean_of_their_frames():
+    """shapes_quality (the trainers' unoptimised monitor) on videos: the mean of its per-frame
+    image scores, so a clip with a corrupted frame scores lower than the clean clip."""
+    from rewards import build_reward
+
+    quality = build_reward("shapes_quality")
+    meta = video_prompts("test")[0]
+    frames = render_clip(clip_for_prompt(meta, rng=0))  # (T, H, W, 3) uint8
+    clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float()[None] / 255  # [1, 3, T, H, W]
+    noisy = clip.clone()
+    noisy[:, :, 3] = torch.rand(noisy[:, :, 3].shape, generator=torch.Generator().manual_seed(0))
+    out = quality(torch.cat([clip, noisy]), None)
+    per_frame = quality(noisy[0].transpose(0, 1), None).scores  # the noisy clip's frames as images
+    assert out.scores[0] == pytest.approx(1.0, abs=0.02)
+    assert out.scores[1] == pytest.approx(float(per_frame.mean()), abs=1e-6)
+    assert out.scores[1] < out.scores[0] - 0.05
+    assert out.extras["mean_residual"].shape == (2,)
