@@ -15,6 +15,7 @@ from align.cli import main, parse_reward_arg
 from eval.score import load_video
 from eval.shapes import prompts, render, scene_for_prompt
 from rewards import build_reward
+from rewards.base import IMAGE, Reward
 
 FRAMES, SIZE = 6, 32
 
@@ -82,21 +83,38 @@ def test_single_reward_images_video_and_corrupt_file(media_folder, capsys):
     assert rows["d_corrupt.png"]["score"] == "" and "d_corrupt.png" in rows["d_corrupt.png"]["error"]
 
 
+class ImageOnlyBrightness(Reward):
+    """Mean pixel value; images only (for the per-file modality error below)."""
+
+    name = "brightness"
+    modalities = (IMAGE,)
+    requires_prompts = False
+
+    def score(self, samples, prompts=None, **kwargs):
+        return samples.flatten(1).mean(1)
+
+
 def test_weighted_sum_jsonl_and_shape_mismatch(media_folder, capsys):
     out = media_folder.parent / "scores.jsonl"
     assert main(["score", str(media_folder), "--reward", "shapes_saturation:0.5", "--reward", "shapes_quality:2",
                  "--out", str(out)]) == 0
-    errors = capsys.readouterr().err.strip().splitlines()
-    # shapes_quality is image-only: the video is rejected with its own line, the rest are scored
-    assert len(errors) == 2
-    assert any("c_clip.mp4" in line and "expected images" in line for line in errors)
     rows = {row["file"]: row for row in map(json.loads, out.read_text().splitlines())}
-    for name in ("a0.png", "a1.png", "b_small.png"):
+    for name in ("a0.png", "a1.png", "b_small.png", "c_clip.mp4"):  # shapes_quality scores videos per frame
         row = rows[name]
         assert row["score"] == pytest.approx(0.5 * row["shapes_saturation"] + 2 * row["shapes_quality"])
         assert "shapes_quality/mean_residual" in row and row["error"] is None
     assert rows["a0.png"]["shapes_quality"] == 1.0  # a clean render
+    capsys.readouterr()
+
+    # an image-only reward: the video is rejected with its own line, the rest are scored
+    assert main(["score", str(media_folder), "--reward", "tests.test_score_cli:ImageOnlyBrightness",
+                 "--out", str(out)]) == 0
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2
+    assert any("c_clip.mp4" in line and "expected images" in line for line in errors)
+    rows = {row["file"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert rows["c_clip.mp4"]["score"] is None and rows["c_clip.mp4"]["error"]
+    assert all(rows[name]["error"] is None for name in ("a0.png", "a1.png", "b_small.png"))
 
 
 def test_reward_config_with_listing_and_metadata(tmp_path):
