@@ -9,6 +9,12 @@ balanced). Everything is seeded, so the same command gives the same weights. At 
 held-out (test-split) prompts and reports the verifier's accuracies (`eval_log.json`).
 
     nice -n 10 env OMP_NUM_THREADS=1 python -m align.pretrain_video_toy --threads 1
+
+Defaults (2200 steps x 32 clips, 5000 clips, lr 1e-3) made the shipped weights: 47 min of training
+on one thread of a contended 2-core machine (48.5 min with data and evaluation), final flow loss
+~0.09. Held-out direction accuracy is only 0.04 (strict 0, partial 0.36; train split 0.05 / 0 /
+0.37), below issue 7's 0.3-0.75 target: colours and shapes come out right and stable over
+time, but objects barely move (median ~1 px/frame versus 1.5-4.5 in the data), with or without CFG.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ def clips_tensor(metas: list[dict], rng: np.random.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_dataset(model, n: int, rng: np.random.Generator, batch: int = 64) -> tuple[torch.Tensor, list[str]]:
-    """n train clips encoded to normalised latents [n, C, T, h, w] and their prompts."""
+def encode_dataset(model, n: int, rng: np.random.Generator, batch: int = 8) -> tuple[torch.Tensor, list[str]]:
+    """n train clips encoded to normalised latents [n, C, T, h, w] and their prompts.
+
+    Small batches: the per-frame VAE is several times faster per frame on 64 frames than on 512."""
     metas = balanced_metas("train", n, rng)
     latents = [model.encode(clips_tensor(metas[i:i + batch], rng)) for i in range(0, n, batch)]
     return torch.cat(latents), [m["prompt"] for m in metas]
@@ -97,7 +105,7 @@ def evaluate_split(model, split: str = "test", num: int = 96, seed: int = 1234, 
     return aggregate_video([evaluate_clip(f, m) for f, m in zip(frames, metas)], metas)
 
 
-def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 3000, steps: int = 900, batch: int = 32,
+def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 5000, steps: int = 2200, batch: int = 32,
                        lr: float = 1e-3, warmup: int = 100, caption_dropout: float = 0.1, threads: int = 1,
                        eval_num: int = 96) -> Path:
     """Trains the toy video model and saves it to `out` (diffusers WanPipeline layout). Returns `out`."""
@@ -151,16 +159,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=VIDEO_DIR,
                         help="output folder (default: the package's shipped weights folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=900, help="training steps (batch 32)")
-    parser.add_argument("--dataset-size", type=int, default=3000, help="pre-rendered training clips")
+    parser.add_argument("--steps", type=int, default=2200, help="training steps")
+    parser.add_argument("--batch", type=int, default=32, help="clips per training step")
+    parser.add_argument("--dataset-size", type=int, default=5000, help="pre-rendered training clips")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-num", type=int, default=96, help="held-out clips sampled at the end (0: none)")
 
 
 def main(args: argparse.Namespace) -> None:
-    pretrain_video_toy(args.out, seed=args.seed, steps=args.steps, dataset_size=args.dataset_size, lr=args.lr,
-                       threads=args.threads, eval_num=args.eval_num)
+    pretrain_video_toy(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
+                       dataset_size=args.dataset_size, lr=args.lr, threads=args.threads, eval_num=args.eval_num)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Flow model adapters: one thin file per model family.
 
-`load_model(spec)` is the one entry point: "shapesworld" (the built-in toy), a local
-diffusers-layout folder, or a hub id. The family is read from `model_index.json`.
+`load_model(spec)` is the one entry point: "shapesworld" (the built-in image toy),
+"shapesworld_video" (the built-in video toy), a local diffusers-layout folder, or a hub id. The
+family is read from `model_index.json`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter, "WanPipeline": WanAdapter}
 
 
 def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
-    """Loads a flow model adapter from "shapesworld", a local folder or a hub id."""
+    """Loads a flow model adapter from "shapesworld", "shapesworld_video", a local folder or a hub id."""
     if str(spec) == "shapesworld":
         from .shapesworld import load_shapesworld
 
         return load_shapesworld(device=device, **kwargs)
+    if str(spec) == "shapesworld_video":
+        from .shapesworld_video import load_shapesworld_video
+
+        return load_shapesworld_video(device=device, **kwargs)
     root = Path(spec)
     if root.is_dir():
         index = root / "model_index.json"
