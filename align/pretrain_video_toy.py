@@ -95,13 +95,14 @@ def evaluate_split(model, split: str = "test", num: int = 96, seed: int = 1234, 
                    guidance: float | None = None, batch_size: int = 32) -> dict:
     """Samples `num` category-balanced prompts of `split` (ODE, the checkpoint's defaults) and
     returns the verifier's summary (`aggregate_video`: strict / partial / direction, per tag)."""
+    from eval.grid import to_uint8_videos
     from eval.shapes_video import aggregate_video, evaluate_clip
     from samplers.generate import generate
 
     metas = balanced_metas(split, num, np.random.default_rng(seed))
     videos = generate(model, [m["prompt"] for m in metas], seeds=[seed + i for i in range(num)],
                       num_steps=num_steps, guidance=guidance, batch_size=batch_size)
-    frames = (videos.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8).numpy()  # (B, T, H, W, 3)
+    frames = to_uint8_videos(videos)  # (B, T, H, W, 3)
     return aggregate_video([evaluate_clip(f, m) for f, m in zip(frames, metas)], metas)
 
 

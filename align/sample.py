@@ -108,6 +108,7 @@ def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Pa
     from PIL import Image
 
     from eval.grid import save_caption_grid, to_uint8_images, to_uint8_videos
+    from rewards.video_io import write_video
     from samplers.generate import generate
 
     if not items:
@@ -129,8 +130,6 @@ def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Pa
     for i, (array, item, s) in enumerate(zip(to_uint8_videos(images) if video else to_uint8_images(images),
                                              chosen, seeds)):
         if video:
-            from rewards.video_io import write_video
-
             name = f"{i:05d}.mp4"
             write_video(out / name, array, fps=VIDEO_FPS, quality=0)
         else:

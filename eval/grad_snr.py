@@ -52,15 +52,16 @@ def signal_and_noise(grads: torch.Tensor, halves: tuple[torch.Tensor, torch.Tens
 @torch.no_grad()
 def ode_completion_values(model, cond, latents: torch.Tensor, sigmas: torch.Tensor, guidance: float,
                           score) -> torch.Tensor:
-    """[N, S + 1] V(x_k) = score(deterministic Euler ODE completion from latents[:, k] at sigma_k);
+    """[N, S + 1] V(x_k) = score(deterministic ODE completion from latents[:, k] at sigma_k);
     V(x_S) = score of the final latents themselves."""
+    from samplers.rollout import rollout
+
     steps = len(sigmas) - 1
     values = torch.zeros(latents.shape[0], steps + 1)
-    for k in range(steps + 1):
-        x = latents[:, k]
-        for i in range(k, steps):
-            x = x + (sigmas[i + 1] - sigmas[i]) * model.velocity(x, sigmas[i], cond, guidance=guidance)
-        values[:, k] = score(x)
+    values[:, steps] = score(latents[:, steps])
+    for k in range(steps):
+        values[:, k] = score(rollout(model, cond, sigmas[k:], step_types="ode", guidance=guidance,
+                                     initial_noise=latents[:, k]).final)
     return values
 
 

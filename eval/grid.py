@@ -15,10 +15,13 @@ from rewards.shapes import to_uint8_images as to_uint8_hwc
 
 def to_uint8_videos(videos) -> np.ndarray:
     """Float videos [N, 3, T, H, W] in [0, 1] (tensor or array) -> uint8 (N, T, H, W, 3)."""
-    videos = torch.as_tensor(videos).detach().float()
+    from rewards.base import frames_as_images
+
+    videos = torch.as_tensor(videos)
     if videos.ndim != 5 or videos.shape[1] != 3:
         raise ValueError(f"videos must be [N, 3, T, H, W], got shape {tuple(videos.shape)}")
-    return (videos.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+    images, frames = frames_as_images(videos)
+    return to_uint8_hwc(images).reshape(videos.shape[0], frames, *videos.shape[3:], 3)
 
 
 def to_uint8_images(images) -> list[np.ndarray]:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, register_reward
+from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, register_reward
 
 __all__ = [
     "SHIPPED_HEAD_DIR",
@@ -349,8 +349,7 @@ class ArtifactClassifierReward(Reward):
         return torch.cat(chunks)
 
     def score(self, samples: Tensor, prompts=None, **kwargs) -> RewardOutput:
-        frames = samples.shape[2] if samples.ndim == 5 else 1
-        images = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # [B*T, 3, H, W]
+        images, frames = frames_as_images(samples)  # [B*T, 3, H, W]
         p_artifact = torch.sigmoid(self.logits(images)).view(-1, frames).mean(1)  # [B]
         return RewardOutput(1 - p_artifact, {"p_artifact": p_artifact.detach()})
 

@@ -37,6 +37,7 @@ __all__ = [
     "Reward",
     "FunctionReward",
     "as_scores",
+    "frames_as_images",
     "register_reward",
     "build_reward",
     "build_weighted_reward",
@@ -47,6 +48,14 @@ IMAGE, VIDEO = "image", "video"
 _RANK_OF = {IMAGE: 4, VIDEO: 5}
 # Keyword arguments that carry one entry per sample; their length is checked against B.
 PER_SAMPLE_KWARGS = ("metadata", "group_ids")
+
+
+def frames_as_images(samples: Tensor) -> tuple[Tensor, int]:
+    """(images [B*T, 3, H, W], T) for videos [B, 3, T, H, W], frames of a sample consecutive;
+    (samples, 1) for images. Frame-wise rewards score the images, then average ``.view(-1, T).mean(1)``."""
+    if samples.ndim == 5:
+        return samples.transpose(1, 2).flatten(0, 1), samples.shape[2]
+    return samples, 1
 
 
 # ----------------------------------------------------------------------------- output

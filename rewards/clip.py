@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, register_reward
+from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, register_reward
 
 __all__ = [
     "ClipEncoder",
@@ -222,8 +222,7 @@ class _ClipReward(Reward):
         raise NotImplementedError
 
     def score(self, samples: Tensor, prompts: Sequence[str] | None, **kwargs) -> RewardOutput:
-        frames = samples.shape[2] if samples.ndim == 5 else 1
-        images = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # [B*T, 3, H, W]
+        images, frames = frames_as_images(samples)  # [B*T, 3, H, W]
         texts = None if prompts is None else [p for p in prompts for _ in range(frames)]
         scores, extras = self.score_embeddings(self.encoder.embed_images(images), texts)  # [B*T]
 

@@ -257,7 +257,7 @@ def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: s
     traj = rollout(flow, cond, sigmas, step_types="ode", guidance=guidance, batch_size=len(items),
                    generator=torch.Generator().manual_seed(seed))
     outcome = build_reward(reward)(flow.decode(traj.final), prompts, metadata=metadata).scores.float().numpy()
-    text = prompt_vectors(flow, prompts)
+    text = prompt_vectors(flow, prompts) if prm is not None else None
     groups = np.repeat(np.arange(len(items) // group_size), group_size)
     references = {name: build_reward(name) for name in tweedie}
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eval.shapes import IMAGE_SIZE, TAGS, all_prompts, detect, evaluate, palette_residual
-from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, register_reward
+from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, register_reward
 
 __all__ = ["ShapesGenEvalReward", "ShapesQualityReward", "SaturationReward", "lookup_shapes_metadata", "to_uint8_images"]
 
@@ -153,8 +153,7 @@ class ShapesQualityReward(Reward):
         self.tolerance = tolerance
 
     def score(self, samples: Tensor, prompts=None, **kwargs) -> RewardOutput:
-        frames = samples.shape[2] if samples.ndim == 5 else 1
-        images = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # [B*T, 3, H, W]
+        images, frames = frames_as_images(samples)  # [B*T, 3, H, W]
         residuals = [palette_residual(image) for image in to_uint8_images(images)]
         clean = torch.tensor([float((r <= self.tolerance).mean()) for r in residuals]).view(-1, frames).mean(1)
         mean_residual = torch.tensor([float(r.mean()) for r in residuals]).view(-1, frames).mean(1)
