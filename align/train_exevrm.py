@@ -4,7 +4,8 @@
     align train-exevrm --data train.jsonl --test test.jsonl --model Qwen/Qwen3-VL-8B-Instruct --out runs/exevrm
 
 Data: JSONL rows {"video": path (relative to the JSONL's folder), "instruction": str, "label": 0|1,
-"interval": [s, e] seconds (optional, failures)}. Without --data, synthetic GUI execution videos
+"interval": [s, e] seconds (optional, failures), "description": what the video carries out (optional; the
+auxiliary describe task, --describe-weight)}. Without --data, synthetic GUI execution videos
 (eval/gui_videos.py) are generated into --workdir (train and held-out test sets, different seeds).
 After training, the judge is evaluated on the test set with and without token pruning
 (accuracy, recall, temporal IoU, kept-token ratio, forward-time ratio) and saved to --out with
@@ -21,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.gui_videos import evaluate_judge, generate_dataset
+from eval.gui_videos import evaluate_judge, generate_dataset, vocabulary
 from rewards.video_exec import EXEC_TEMPLATE, SHIPPED_JUDGE_DIR, VideoExecJudge, save_judge, tiny_video_vlm, \
     train_video_judge
 
-TINY_TEMPLATE = "{instruction}"  # the tiny judge is trained from scratch: the bare instruction is the question
+# The tiny judge is trained from scratch: the bare instruction is the question (after a space, so that each of
+# its words is one token of the tiny tokenizer).
+TINY_TEMPLATE = " {instruction}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--interval-weight", type=float, default=1.0,
+                        help="weight of the deviation-interval tokens of failed examples (0: judgement only)")
+    parser.add_argument("--describe-weight", type=float, default=1.0,
+                        help="weight of the auxiliary describe task (half of each batch asks what the video "
+                             "carries out; needs a 'description' in the rows; 0: off)")
     parser.add_argument("--prune-fraction", type=float, default=0.5,
                         help="fraction of training batches run with token pruning")
     parser.add_argument("--fps", type=float, default=1.0)
@@ -72,7 +80,7 @@ def main(args) -> dict:
         args.test = args.test or args.workdir / "test" / "data.jsonl"
     train_rows, train_root = _rows(args.data)
     if args.model == "tiny":
-        model, processor = tiny_video_vlm(max_pixels=args.max_pixels, seed=args.seed)
+        model, processor = tiny_video_vlm(max_pixels=args.max_pixels, seed=args.seed, words_from=vocabulary())
         template = TINY_TEMPLATE
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -81,15 +89,22 @@ def main(args) -> dict:
         processor = AutoProcessor.from_pretrained(args.model)
         template = EXEC_TEMPLATE
     print(f"training on {len(train_rows)} rows, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    describe = args.describe_weight
+    if describe > 0 and not any(row.get("description") for row in train_rows):
+        print(f"{args.data}: no row has a 'description': the describe task is off")
+        describe = 0.0
     history = train_video_judge(model, processor, train_rows, steps=args.steps, batch_size=args.batch, lr=args.lr,
                                 prune_fraction=args.prune_fraction, template=template, fps=args.fps,
+                                interval_weight=args.interval_weight,
+                                describe_weight=describe,
                                 max_frames=args.max_frames, max_pixels=args.max_pixels, root=train_root,
                                 seed=args.seed)
     settings = {"template": template, "yes_words": ["Yes"], "no_words": ["No"], "pruning": True, "fps": args.fps,
                 "max_frames": args.max_frames, "max_pixels": args.max_pixels,
                 "training": {"command": "align train-exevrm " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                    if k in ("steps", "batch", "lr", "seed", "model", "prune_fraction") and v is not None),
+                    if k in ("steps", "batch", "lr", "seed", "model", "prune_fraction", "interval_weight", "describe_weight")
+                    and v is not None),
                     "rows": len(train_rows), "seconds": round(history["seconds"], 1),
                     "final_loss": float(np.mean(history["losses"][-50:]))}}
     out = save_judge(model, processor, args.out, settings)

@@ -8,7 +8,7 @@ result dialogs. Three task kinds, each a scripted trajectory of steps:
 - type:   "type 42 into Quantity"                    move -> focus the field -> one char per second
 - menu:   "open the File menu and choose Export"     move -> open menu -> move -> choose -> dialog
 
-Each example is (video, instruction, label, interval):
+Each example is (video, instruction, label, interval, description):
 
 - ``positive``:    the trajectory carries out the instruction (label 1, no interval);
 - ``wrong_target``: the agent acts on another element of the same window (label 0);
@@ -16,13 +16,17 @@ Each example is (video, instruction, label, interval):
 - ``translated``:  adversarial instruction translation: a successful video paired with a
   plausible mismatched instruction about an element present on screen (label 0).
 
-For every negative, ``interval`` = [first, last] second of the step where the video deviates
+``description`` is what the video carries out (the executed instruction, or "nothing completed"),
+the answer of the judge's auxiliary describe task. For every negative, ``interval`` = [first, last] second of the step where the video deviates
 from what the instruction requires (step-level annotation; the missing step's slot to the end
 of the video for ``incomplete``). Videos hold each state for 1 s (``fps`` frames), so sampling
 at 1 fps (the reward's default) sees every state. Every label word has its own icon colour
 (as toolbar icons do), besides its text, so a tiny judge trained on CPU can tell elements
 apart; reading typed digits is not required (typed values never differ between instruction
-and video).
+and video). For the same reason the evidence of a completed action is large, as in many real
+applications: a result dialog is drawn in its element's colour (title bar, tinted body) and an
+edited field is highlighted with its field's tint. Without these (8 px icons only) a tiny judge
+trained from scratch stayed at chance (first-token loss ln 2 for 600 steps).
 
     python -m eval.gui_videos OUT_DIR --num 200 --seed 0      # OUT_DIR/data.jsonl + videos/
 """
@@ -40,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from rewards.video_io import write_video
 
-__all__ = ["GuiTask", "Screen", "generate_example", "generate_dataset", "render", "temporal_iou",
+__all__ = ["GuiTask", "Screen", "generate_example", "vocabulary", "NOTHING_DONE", "generate_dataset", "render", "temporal_iou",
            "judge_metrics", "evaluate_judge", "KINDS"]
 
 WIDTH, HEIGHT = 224, 168
@@ -57,7 +61,16 @@ WORD_COLOURS = {
 }
 DESKTOPS = ((40, 90, 130), (70, 70, 80), (30, 110, 90), (110, 60, 100))
 KINDS = ("positive", "wrong_target", "incomplete", "translated")
+NOTHING_DONE = "nothing completed"  # the description of an incomplete trajectory
 _FONT = None
+
+
+def vocabulary() -> list[str]:
+    """Every word of the instructions, descriptions and judge questions (a tiny judge's tokenizer
+    gives each one token)."""
+    words = ["click", "type", "into", "open", "the", "menu", "and", "choose", "What", "did", "agent", "do", "Yes", "No",
+             *NOTHING_DONE.split(), *BUTTONS, *FIELDS, *MENUS, *(w for items in MENUS.values() for w in items)]
+    return [" " + w for w in words]  # each after a space (one merge chain from "Ġ": no chain cuts another)
 
 
 def _font():
@@ -156,6 +169,11 @@ def _centre(box) -> tuple[int, int]:
     return ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
 
 
+def _tint(colour: tuple[int, int, int], amount: float = 0.45) -> tuple[int, int, int]:
+    """``colour`` blended with white (a light background that keeps black text readable)."""
+    return tuple(int(round(255 - amount * (255 - c))) for c in colour)
+
+
 def _icon(draw: ImageDraw.ImageDraw, x: int, y: int, word: str, size: int = 8) -> None:
     draw.rectangle((x, y, x + size, y + size), fill=WORD_COLOURS[word])
 
@@ -175,7 +193,8 @@ def render(layout: Layout, screen: Screen) -> np.ndarray:
     for name, box in layout.fields:
         draw.text((x0 + 6, box[1] + 3), name, fill=(0, 0, 0), font=font)
         outline = (30, 90, 230) if screen.focused == name else (120, 120, 120)
-        draw.rectangle(box, fill=(255, 255, 255), outline=outline, width=2 if screen.focused == name else 1)
+        fill = _tint(WORD_COLOURS[name]) if screen.texts.get(name) else (255, 255, 255)  # edited: highlighted
+        draw.rectangle(box, fill=fill, outline=outline, width=2 if screen.focused == name else 1)
         _icon(draw, box[0] + 3, box[1] + 4, name)
         if screen.texts.get(name):
             draw.text((box[0] + 16, box[1] + 2), screen.texts[name], fill=(0, 0, 0), font=font)
@@ -194,8 +213,8 @@ def render(layout: Layout, screen: Screen) -> np.ndarray:
     if screen.dialog:
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
         box = (cx - 46, cy - 24, cx + 46, cy + 24)
-        draw.rectangle(box, fill=(245, 245, 250), outline=(20, 20, 20), width=2)
-        draw.rectangle((box[0], box[1], box[2], box[1] + 11), fill=(50, 60, 90))
+        draw.rectangle(box, fill=_tint(WORD_COLOURS[screen.dialog]), outline=(20, 20, 20), width=2)
+        draw.rectangle((box[0], box[1], box[2], box[1] + 11), fill=WORD_COLOURS[screen.dialog])
         _icon(draw, box[0] + 6, box[1] + 18, screen.dialog, size=14)
         draw.text((box[0] + 26, box[1] + 20), f"{screen.dialog} done", fill=(0, 0, 0), font=font)
     cx, cy = screen.cursor
@@ -317,7 +336,8 @@ def generate_example(seed: int, kind: str | None = None) -> dict:
     interval = None if kind == "positive" else list(deviation_interval(states, executed, asked, incomplete))
     frames = np.stack([render(layout, screen) for screen, _ in states])
     return {"frames": frames, "instruction": asked.instruction, "label": int(kind == "positive"),
-            "interval": interval, "kind": kind, "executed": executed.instruction, "task": asked.kind}
+            "interval": interval, "kind": kind, "executed": executed.instruction, "task": asked.kind,
+            "description": NOTHING_DONE if incomplete else executed.instruction}
 
 
 def generate_dataset(out: str | Path, num: int, seed: int = 0, fps: float = 2.0, suffix: str = ".mp4") -> Path:

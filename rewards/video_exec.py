@@ -40,13 +40,14 @@ from rewards.base import VIDEO, Reward, RewardOutput, register_reward
 from rewards.token_pruning import PruningConfig, prune_visual_tokens, qwen_video_patches, sequence_keep_mask, \
     video_token_keep
 from rewards.video_io import read_video
-from rewards.vlm import LocalVLM, _first_token_ids
+from rewards.vlm import QWEN_SPECIALS, LocalVLM, _first_token_ids, byte_tokenizer
 
 __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLATE", "SHIPPED_JUDGE_DIR",
            "parse_interval", "answer_text"]
 
 SHIPPED_JUDGE_DIR = Path(__file__).parent / "models" / "weights" / "video_exec_judge"
 SETTINGS_FILE = "video_exec.json"
+DESCRIBE_QUESTION = "What did the agent do?"  # the auxiliary task of train_video_judge(describe_weight=...)
 EXEC_TEMPLATE = ("The video is a screen recording of a computer-use agent. Instruction: \"{instruction}\". "
                  "Did the agent complete the instruction? Answer Yes or No.")
 _INTERVAL = re.compile(r"(\d+(?:\.\d+)?)\s*(?:-|to|,)\s*(\d+(?:\.\d+)?)")
@@ -78,35 +79,17 @@ VIDEO_CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
 )
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-
-
-def _byte_tokenizer():
-    """Byte-level BPE without merges (every UTF-8 byte one token) + Qwen's special tokens."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in QWEN_SPECIALS:
-        vocab[token] = len(vocab)
-    first = QWEN_SPECIALS[0]
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token=first, pad_token=first, unk_token=first)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
-    return tokenizer
-
-
 def tiny_video_vlm(hidden_size: int = 96, num_layers: int = 2, num_heads: int = 4, vision_dim: int = 64,
-                   vision_depth: int = 1, max_pixels: int = 224 * 168, seed: int = 0):
+                   vision_depth: int = 1, max_pixels: int = 224 * 168, seed: int = 0, words_from: Sequence[str] = ()):
     """(model, processor): a small random Qwen2VLForConditionalGeneration built offline from a config.
 
-    Byte-level tokenizer, Qwen chat template with video parts, patch 14, temporal patch 2,
+    Byte-level tokenizer (each word of ``words_from`` one token), Qwen chat template with video parts, patch 14, temporal patch 2,
     spatial merge 2; the video processor keeps frames at <= ``max_pixels`` (224 x 168 -> 8 x 6
     tokens per frame pair)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = _byte_tokenizer()
+    tokenizer = byte_tokenizer(QWEN_SPECIALS, words_from)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
     budget = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
     processor = Qwen2VLProcessor(
@@ -365,25 +348,37 @@ def _read_rows(rows: Sequence[dict], fps: float, max_frames: int, max_pixels: in
 
 def train_video_judge(model, processor, rows: Sequence[dict], *, steps: int = 600, batch_size: int = 8,
                       lr: float = 2e-3, weight_decay: float = 0.01, pruning: Any = True, prune_fraction: float = 0.5,
-                      template: str = EXEC_TEMPLATE, interval_weight: float = 1.0, fps: float = 1.0,
-                      max_frames: int = 16, max_pixels: int = 224 * 168, root: str | Path | None = None,
-                      seed: int = 0, log_every: int = 50, log=print) -> dict:
+                      template: str = EXEC_TEMPLATE, interval_weight: float = 1.0, describe_weight: float = 0.0,
+                      fps: float = 1.0, max_frames: int = 16, max_pixels: int = 224 * 168,
+                      root: str | Path | None = None, seed: int = 0, log_every: int = 50, log=print) -> dict:
     """Fine-tune ``model`` (all parameters) as a video execution judge.
 
     rows: dicts {video: path | uint8 [T, H, W, 3], instruction, label (1 = success), interval?
-    [s, e] seconds}. Loss: CE on the answer "Yes" / "No s-e" (+ end of turn); the first answer
-    token is the judgement, the interval tokens (weight ``interval_weight``) teach temporal
-    attribution. A fraction ``prune_fraction`` of batches is run with token pruning so the
-    judge works with and without it. Returns {"losses": [...], "seconds": float}.
+    [s, e] seconds, description? (what the video carries out, e.g. "click Save")}. Loss: CE on
+    the answer "Yes" / "No s-e" (+ end of turn); the first answer token is the judgement, the
+    interval tokens (weight ``interval_weight``) teach temporal attribution. With
+    ``describe_weight`` > 0, half of each batch asks ``DESCRIBE_QUESTION`` about a row's video and
+    is trained (that weight) on its description: the grounding (which element was acted on, was
+    it finished) that a pretrained VLM brings and a judge trained from scratch lacks. A fraction
+    ``prune_fraction`` of batches is run with token pruning so the judge works with and without
+    it. Returns {"losses", "judgement_losses" (first answer token of the judgement examples),
+    "seconds"}.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     data = _read_rows(rows, fps, max_frames, max_pixels, Path(root) if root else None)
     vlm = LocalVLM.build(model, processor)
+    config = PruningConfig.build(pruning)
+    judged = [(template.replace("{instruction}", r["instruction"]), answer_text(r["label"], r.get("interval")),
+               r["video"]) for r in data]
+    described = [(DESCRIBE_QUESTION, r["description"], r["video"])
+                 for r in data if describe_weight > 0 and r.get("description")]
+    if describe_weight > 0 and not described:
+        raise ValueError("describe_weight > 0 but no row has a 'description'")
     vlm.model.train().requires_grad_(True)
     with _linear_patch_embedding(vlm.model):
-        history = _train_loop(vlm, data, steps, batch_size, lr, weight_decay, PruningConfig.build(pruning),
-                              prune_fraction, template, interval_weight, fps, rng, log_every, log)
+        history = _train_loop(vlm, judged, described, steps, batch_size, lr, weight_decay, config, prune_fraction,
+                              interval_weight, describe_weight, fps, rng, log_every, log)
     vlm.model.eval().requires_grad_(False)
     return history
 
@@ -409,41 +404,56 @@ def _linear_patch_embedding(model):
         del embed.forward
 
 
-def _train_loop(vlm, data, steps, batch_size, lr, weight_decay, config, prune_fraction, template, interval_weight,
-                fps, rng, log_every, log) -> dict:
+def _answer_losses(model, batch: VideoBatch) -> tuple[Tensor, Tensor]:
+    """Per-token CE of each example's answer: ([B, K] losses, [B, K] valid), position 0 = the first
+    answer token."""
+    labels = batch.inputs["labels_full"]  # [B, L] answer tokens, -100 elsewhere
+    lengths = (labels != -100).sum(1)  # [B]
+    width = int(lengths.max())
+    first = batch.prefix_lengths.to(labels.device)  # [B] full position of the first answer token
+    positions = (first[:, None] + torch.arange(width, device=labels.device)).clamp(max=labels.shape[1] - 1)
+    valid = torch.arange(width, device=labels.device)[None] < lengths[:, None]  # [B, K]
+    targets = torch.where(valid, labels.gather(1, positions), torch.full_like(positions, -100))
+    logits = forward_logits(model, batch, positions - 1)  # [B, K, V]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses, valid
+
+
+def _train_loop(vlm, judged, described, steps, batch_size, lr, weight_decay, config, prune_fraction,
+                interval_weight, describe_weight, fps, rng, log_every, log) -> dict:
+    """AdamW + one-cycle. loss = mean CE of the judgement token + interval_weight x mean CE of the
+    other judgement-answer tokens + describe_weight x mean CE of the description tokens."""
     optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    losses, start = [], time.time()
+    n_describe = batch_size // 2 if described else 0
+    n_judge = min(batch_size - n_describe, len(judged))
+    losses, judgement_losses, start = [], [], time.time()
     for step in range(steps):
-        picks = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
-        chunk = [data[i] for i in picks]
-        answers = [answer_text(r["label"], r.get("interval")) for r in chunk]
+        chunk = [judged[i] for i in rng.choice(len(judged), size=n_judge, replace=False)]
+        if n_describe:
+            chunk += [described[i] for i in rng.choice(len(described), size=min(n_describe, len(described)),
+                                                       replace=False)]
         use = config if (config is not None and rng.random() < prune_fraction) else None
-        batch = VideoBatch(vlm, template, [r["instruction"] for r in chunk], [r["video"] for r in chunk], use,
-                           fps, answers=answers)
-        labels = batch.inputs["labels_full"]  # [B, L] answer tokens, -100 elsewhere
-        width = int((labels != -100).sum(1).max())
-        first = batch.prefix_lengths.to(labels.device)  # [B] full position of the first answer token
-        targets_pos = (first[:, None] + torch.arange(width, device=labels.device)).clamp(max=labels.shape[1] - 1)
-        targets = labels.gather(1, targets_pos)  # [B, K]
-        valid = (torch.arange(width, device=labels.device)[None] < (labels != -100).sum(1)[:, None])
-        targets = torch.where(valid, targets, torch.full_like(targets, -100))
-        logits = forward_logits(vlm.model, batch, targets_pos - 1)  # [B, K, V]
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
-                                                      ignore_index=-100)  # [B, K]
-        weights = torch.full_like(per_token, interval_weight)
-        weights[:, 0] = 1.0  # the judgement token
-        loss = (per_token * weights * valid).sum() / valid.sum()
+        questions, answers, videos = zip(*chunk)
+        batch = VideoBatch(vlm, "{instruction}", questions, videos, use, fps, answers=answers)
+        per_token, valid = _answer_losses(vlm.model, batch)  # [B, K]
+        judge_part = per_token[:n_judge]
+        rest = valid[:n_judge].clone()
+        rest[:, 0] = False
+        loss = judge_part[:, 0].mean() + interval_weight * (judge_part * rest).sum() / rest.sum().clamp(min=1)
+        if n_describe:
+            loss = loss + describe_weight * (per_token[n_judge:] * valid[n_judge:]).sum() / valid[n_judge:].sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
+        judgement_losses.append(float(judge_part[:, 0].detach().mean()))
         if log and (step + 1) % log_every == 0:
             log(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
-                f"first-token {float(per_token[:, 0].mean()):.4f} ({time.time() - start:.0f} s)")
-    return {"losses": losses, "seconds": time.time() - start}
+                f"judgement {np.mean(judgement_losses[-log_every:]):.4f} ({time.time() - start:.0f} s)")
+    return {"losses": losses, "judgement_losses": judgement_losses, "seconds": time.time() - start}
 
 
 def save_judge(model, processor, out: str | Path, settings: dict) -> Path:

@@ -49,6 +49,7 @@ from rewards.shapes import to_uint8_images
 
 __all__ = [
     "LocalVLM",
+    "byte_tokenizer",
     "PromptEcho",
     "YesNoJudge",
     "ArtifactGuard",
@@ -62,10 +63,44 @@ Conversation = list[dict]
 GenerateFn = Callable[[list[Conversation]], list]  # -> list[str | None], None = request failed
 
 DESCRIBE_QUERY = "Describe this image in detail."
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- inputs
+
+
+def byte_tokenizer(special_tokens: Sequence[str] = QWEN_SPECIALS, words_from: Sequence[str] = ()):
+    """A ``Qwen2Tokenizer`` for the tiny VLMs built offline: byte-level BPE over the 256 byte
+    symbols, ``special_tokens`` (the first is eos / pad / unk) and one merge chain per word of
+    ``words_from``.
+
+    Without ``words_from`` there are no merges and every UTF-8 byte is one token. A word's chain
+    merges its bytes left to right ("Ġ"+"r", "Ġr"+"e", "Ġre"+"d"), so the word becomes one token
+    as it appears in ``words_from`` (with its leading space or without); text outside the
+    vocabulary still tokenises, byte by byte.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for text in words_from:
+        for word, _ in splitter.pre_tokenize_str(text):
+            piece = word[0]
+            for char in word[1:]:
+                if piece + char not in vocab:
+                    vocab[piece + char] = len(vocab)
+                    merges.append((piece, char))
+                piece += char
+    for token in special_tokens:
+        vocab[token] = len(vocab)
+    first = special_tokens[0]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=first, pad_token=first, unk_token=first)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens[1:])})
+    return tokenizer
 
 
 def to_pil_images(samples: Tensor) -> list:

@@ -146,9 +146,9 @@ def test_llava_style_model(tmp_path):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
 
-    from rewards.video_exec import _byte_tokenizer
+    from rewards.vlm import byte_tokenizer
 
-    tokenizer = _byte_tokenizer()
+    tokenizer = byte_tokenizer()
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64,

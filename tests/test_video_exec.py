@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.gui_videos import generate_dataset, generate_example, judge_metrics, temporal_iou
+from eval.gui_videos import NOTHING_DONE, generate_dataset, generate_example, judge_metrics, temporal_iou, vocabulary
 from rewards import build_reward, registered_rewards
 from rewards.video_exec import (SHIPPED_JUDGE_DIR, VideoExecJudge, answer_text, parse_interval, tiny_video_vlm,
                                 train_video_judge)
@@ -91,15 +91,39 @@ def test_training_fits_a_few_examples(tiny):
         rows.append({"video": frames, "instruction": example["instruction"], "label": example["label"],
                      "interval": example["interval"]})
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    history = train_video_judge(model, processor, rows, steps=25, batch_size=4, lr=1e-2, template="{instruction}",
+    history = train_video_judge(model, processor, rows, steps=80, batch_size=4, lr=1e-2, template="{instruction}",
                                 max_pixels=112 * 84, interval_weight=0.0, log=None)  # the judgement token only
-    assert np.mean(history["losses"][-3:]) < 0.3 < np.mean(history["losses"][:3])
+    # the loss is the judgement token's CE itself (ln 2 = chance on this balanced set)
+    assert history["losses"] == history["judgement_losses"]
+    assert np.mean(history["losses"][-3:]) < 0.1 < math.log(2) < np.mean(history["losses"][:3])
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert len(changed) == len(before)  # every parameter trained (the patch embedding too)
     judge = VideoExecJudge(model, processor, template="{instruction}")
     p = judge.judge([r["video"] for r in rows], [r["instruction"] for r in rows])["p_success"]
     labels = torch.tensor([r["label"] == 1 for r in rows])
-    assert p[labels].min() > p[~labels].max()  # the training videos are ranked right
+    assert p[labels].min() > 0.5 > p[~labels].max()  # the training videos are judged right
+
+
+def test_describe_task_and_word_tokens():
+    words = vocabulary()
+    model, processor = tiny_video_vlm(hidden_size=32, num_heads=2, vision_dim=32, max_pixels=112 * 84, seed=2,
+                                      words_from=words)
+    tokens = processor.tokenizer.tokenize(" open the File menu and choose Export")
+    assert tokens == ["Ġopen", "Ġthe", "ĠFile", "Ġmenu", "Ġand", "Ġchoose", "ĠExport"]  # a token per word
+    assert processor.tokenizer.tokenize("Yes")[0] != processor.tokenizer.tokenize("No")[0]
+    rows = []
+    for seed in range(4):
+        example = generate_example(100 + seed)
+        assert example["description"] == (NOTHING_DONE if example["kind"] == "incomplete" else example["executed"])
+        rows.append({"video": example["frames"][:, ::2, ::2], "instruction": example["instruction"],
+                     "label": example["label"], "description": example["description"]})
+    history = train_video_judge(model, processor, rows, steps=3, batch_size=4, lr=1e-3, template=" {instruction}",
+                                max_pixels=112 * 84, describe_weight=1.0, log=None)
+    # half of each batch is a description example: the total loss adds their CE to the judgement's
+    assert all(total > judgement for total, judgement in zip(history["losses"], history["judgement_losses"]))
+    with pytest.raises(ValueError, match="description"):
+        train_video_judge(model, processor, [{k: v for k, v in r.items() if k != "description"} for r in rows],
+                          steps=1, describe_weight=1.0, max_pixels=112 * 84, log=None)
 
 
 @pytest.mark.skipif(not SHIPPED_JUDGE_DIR.is_dir(), reason="no shipped judge (align train-exevrm)")
