@@ -272,7 +272,7 @@ def _add_pretrain(sub) -> None:
     # `align train-exevrm`: the video execution judge (rewards/video_exec.py, align/train_exevrm.py)
     from .train_exevrm import add_arguments as add_exevrm_arguments, main as train_exevrm
 
-    e = sub.add_parser("train-exevrm", help="fine-tune the video_exec judge (tiny one on synthetic GUI videos: CPU)",
+    e = sub.add_parser("train-exevrm", help="fine-tune the video_exec judge (tiny one on synthetic GUI videos: ~30 CPU-min)",
                        description="Fine-tune a video execution judge on a JSONL of (video, instruction, label[, "
                                    "interval]); without --data, on synthetic GUI screen recordings "
                                    "(eval/gui_videos.py). Reports held-out accuracy, recall, temporal IoU and "

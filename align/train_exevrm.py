@@ -1,6 +1,6 @@
 """`align train-exevrm`: fine-tune a video execution judge (the "video_exec" reward).
 
-    align train-exevrm                                  # tiny judge on synthetic GUI videos (CPU, ~15 min)
+    align train-exevrm                                  # tiny judge on synthetic GUI videos (~30 CPU-min)
     align train-exevrm --data train.jsonl --test test.jsonl --model Qwen/Qwen3-VL-8B-Instruct --out runs/exevrm
 
 Data: JSONL rows {"video": path (relative to the JSONL's folder), "instruction": str, "label": 0|1,
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from eval.gui_videos import evaluate_judge, generate_dataset, vocabulary
-from rewards.video_exec import EXEC_TEMPLATE, SHIPPED_JUDGE_DIR, VideoExecJudge, save_judge, tiny_video_vlm, \
+from rewards.video_exec import EXEC_TEMPLATE, SETTINGS_FILE, SHIPPED_JUDGE_DIR, VideoExecJudge, save_judge, tiny_video_vlm, \
     train_video_judge
 
 # The tiny judge is trained from scratch: the bare instruction is the question (after a space, so that each of
@@ -41,19 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-videos", type=int, default=400)
     parser.add_argument("--model", default="tiny", help="'tiny' (built from a config) or a hub id / folder")
     parser.add_argument("--out", type=Path, default=SHIPPED_JUDGE_DIR, help="output folder")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--interval-weight", type=float, default=1.0,
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--interval-weight", type=float, default=0.0,
                         help="weight of the deviation-interval tokens of failed examples (0: judgement only)")
     parser.add_argument("--describe-weight", type=float, default=1.0,
                         help="weight of the auxiliary describe task (half of each batch asks what the video "
                              "carries out; needs a 'description' in the rows; 0: off)")
-    parser.add_argument("--prune-fraction", type=float, default=0.5,
+    parser.add_argument("--prune-fraction", type=float, default=1.0,
                         help="fraction of training batches run with token pruning")
     parser.add_argument("--fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=16)
-    parser.add_argument("--max-pixels", type=int, default=224 * 168)
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="pixel budget per frame (default: 112 x 84 = 4 x 3 visual tokens per frame pair for "
+                             "the tiny judge, 640 x 480 for a hub model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
 
@@ -69,6 +71,19 @@ def _rows(path: Path) -> tuple[list[dict], Path]:
     return rows, path.parent
 
 
+def evaluate_saved(folder: Path, test_rows: list[dict], test_root: Path) -> dict:
+    """The saved judge on held-out rows, with and without token pruning: accuracy, recall,
+    temporal IoU, kept-token ratio, forward seconds; the accuracy drop (points) and forward-time
+    ratio of pruning."""
+    metrics = {}
+    for label, pruning in (("pruned", True), ("unpruned", None)):
+        metrics[label] = evaluate_judge(VideoExecJudge(folder, pruning=pruning), test_rows, test_root)
+        print(label, json.dumps(metrics[label]))
+    metrics["accuracy_drop_points"] = 100 * (metrics["unpruned"]["accuracy"] - metrics["pruned"]["accuracy"])
+    metrics["forward_time_ratio"] = metrics["pruned"]["forward_seconds"] / metrics["unpruned"]["forward_seconds"]
+    return metrics
+
+
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.data is None:
@@ -79,6 +94,7 @@ def main(args) -> dict:
         args.data = args.workdir / "train" / "data.jsonl"
         args.test = args.test or args.workdir / "test" / "data.jsonl"
     train_rows, train_root = _rows(args.data)
+    args.max_pixels = args.max_pixels or (112 * 84 if args.model == "tiny" else 640 * 480)
     if args.model == "tiny":
         model, processor = tiny_video_vlm(max_pixels=args.max_pixels, seed=args.seed, words_from=vocabulary())
         template = TINY_TEMPLATE
@@ -109,15 +125,7 @@ def main(args) -> dict:
                     "final_loss": float(np.mean(history["losses"][-50:]))}}
     out = save_judge(model, processor, args.out, settings)
     if args.test is not None:
-        test_rows, test_root = _rows(args.test)
-        metrics = {}
-        for label, pruning in (("pruned", True), ("unpruned", None)):
-            judge = VideoExecJudge(out, pruning=pruning)
-            metrics[label] = evaluate_judge(judge, test_rows, test_root)
-            print(label, json.dumps(metrics[label]))
-        metrics["accuracy_drop_points"] = 100 * (metrics["unpruned"]["accuracy"] - metrics["pruned"]["accuracy"])
-        metrics["forward_time_ratio"] = metrics["pruned"]["forward_seconds"] / metrics["unpruned"]["forward_seconds"]
-        settings["metrics"] = metrics
-        (out / "video_exec.json").write_text(json.dumps(settings, indent=2) + "\n")
+        settings["metrics"] = evaluate_saved(out, *_rows(args.test))
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     print(f"saved the judge to {out}")
     return settings

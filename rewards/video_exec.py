@@ -16,8 +16,9 @@
 - Models: any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint by hub id or folder (e.g. an ExeVRM-8B
   Qwen3-VL fine-tune: ``model="<id or path>"``), or the tiny judge trained on synthetic GUI
   videos (:func:`tiny_video_vlm`, ``align train-exevrm``; shipped in
-  ``rewards/models/weights/video_exec_judge/`` when trained). A folder may carry a
-  ``video_exec.json`` with the judge's settings (template, answer words, fps, pruning).
+  ``rewards/models/weights/video_exec_judge/``, 1.7 MB: held-out accuracy 0.93, recall 0.97 with
+  pruning, 0.83 / 0.72 without; its settings and metrics in ``video_exec.json``). A folder may
+  carry a ``video_exec.json`` with the judge's settings (template, answer words, fps, pruning).
 - :func:`train_video_judge`: fine-tunes on rows {video (path or frames), instruction, label,
   interval?} with teacher-forced CE on the answer ("Yes" / "No s-e").
 """
@@ -43,9 +44,12 @@ from rewards.video_io import read_video
 from rewards.vlm import QWEN_SPECIALS, LocalVLM, _first_token_ids, byte_tokenizer
 
 __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLATE", "SHIPPED_JUDGE_DIR",
+           "SHIPPED_JUDGE_SHA256", "DESCRIBE_QUESTION",
            "parse_interval", "answer_text"]
 
 SHIPPED_JUDGE_DIR = Path(__file__).parent / "models" / "weights" / "video_exec_judge"
+# samplers.models.shapesworld.weights_checksum() of the shipped judge (`align train-exevrm`, defaults).
+SHIPPED_JUDGE_SHA256 = "f6302987e06c45903af0b679d7913b45b0f74376d00199372133f8a70d6325a3"
 SETTINGS_FILE = "video_exec.json"
 DESCRIBE_QUESTION = "What did the agent do?"  # the auxiliary task of train_video_judge(describe_weight=...)
 EXEC_TEMPLATE = ("The video is a screen recording of a computer-use agent. Instruction: \"{instruction}\". "
