@@ -13,7 +13,6 @@ ends with a one-line `align: error: ...` and exit code 2, not a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -29,17 +28,6 @@ EXAMPLES = """examples:
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
-
-
-@contextlib.contextmanager
-def _progress(total: int, description: str):
-    """A rich progress bar (with ETA); yields an `advance(n)` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
 
 
 # ------------------------------------------------------------------------------ sample
@@ -96,7 +84,9 @@ def _run_sample(args) -> None:
         num = len(items)
     else:
         num = args.num if args.num is not None else (16 if not (args.prompt or args.prompts) else len(items))
-    with _progress(num, "sampling") as advance:
+    from rewards.base import progress_bar
+
+    with progress_bar(num, "sampling") as advance:
         out = sample_to(cfg, items, num, args.seed, args.out, progress=advance)
     print(f"wrote {num} samples to {out}")
 
@@ -199,6 +189,7 @@ def _run_reward_score(args) -> None:
 
     from eval.score import list_media, score_media, summarize_scores, write_results
     from rewards import build_reward
+    from rewards.base import progress_bar
 
     if args.batch_size < 1 or args.frames < 1:
         raise CLIError("--batch-size and --frames must be >= 1")
@@ -208,7 +199,7 @@ def _run_reward_score(args) -> None:
     except (TypeError, ValueError) as err:
         raise CLIError(f"{source}: {err}") from None
     items = list_media(args.folder, args.metadata)
-    with _progress(len(items), f"scoring with {reward.name}") as advance:
+    with progress_bar(len(items), f"scoring with {reward.name}") as advance:
         rows = score_media(args.folder, items, reward, batch_size=args.batch_size, num_frames=args.frames,
                            on_error=lambda message: print(f"align: skipped {message}", file=sys.stderr),
                            on_progress=advance)
@@ -257,6 +248,18 @@ def _add_pretrain(sub) -> None:
                                    "preference accuracy. Seeded; the defaults are the shipped model's settings.")
     add_shapes_clip_arguments(q)
     q.set_defaults(func=train_shapes_clip)
+
+    # `align train-shapes-vlm`: the ShapesWorld captioner behind "shapes_prompt_echo" (rewards/shapes_vlm.py)
+    from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
+
+    c = sub.add_parser("train-shapes-vlm", help="train the ShapesWorld captioning VLM from scratch (CPU, ~10 min)",
+                       description="Train a tiny transformers Qwen2VLForConditionalGeneration to caption "
+                                   "ShapesWorld renders of train-split prompts (caption CE + a hinge ranking the "
+                                   "true caption above a corrupted one by PromptEcho's own score + an object-map "
+                                   "probe on the image tokens). Seeded; the defaults are the shipped model's "
+                                   "settings. Measure it with `python -m eval.shapes_vlm_report --path OUT`.")
+    add_shapes_vlm_arguments(c)
+    c.set_defaults(func=train_shapes_vlm)
 
     # `align train-artifact`: the artefact classifier's head (rewards/artifact.py)
     from rewards.artifact import add_arguments as add_artifact_arguments, main as train_artifact

@@ -8,6 +8,14 @@ time of the judge's forward pass (vision encoder + language model, batch of --ba
 without pruning; ratio = pruned / unpruned. Mask computation (STP union-find + TTP) is timed
 separately. Default model: the shipped judge if present, else the tiny judge's architecture with
 random weights (timing does not depend on the weights). Run it on an idle machine.
+
+``--model 8b-slice``: random weights in the proportions of an 8B judge (ExeVRM-8B is a Qwen3-VL-8B
+fine-tune: a 36-layer, 4096-wide language model with 8 key/value heads and a 12288-wide MLP; a
+27-layer, 1152-wide vision encoder): every width halved and both depths divided by 9 (4 language
+layers, 3 vision layers), so the split of compute between the vision encoder (which sees every
+patch) and the language model (which sees only the kept tokens) is an 8B model's. At the tiny
+judge's size the vision encoder and Python overheads dominate and pruning saves little; this
+shows what it saves where the language model dominates, as it does in the real judge.
 """
 
 from __future__ import annotations
@@ -24,12 +32,23 @@ from rewards.token_pruning import PruningConfig
 from rewards.video_exec import SHIPPED_JUDGE_DIR, VideoBatch, VideoExecJudge, forward_logits, tiny_video_vlm
 
 
+# Random-weight architectures (tiny_video_vlm arguments): the tiny judge's, and an 8B judge's proportions (see above).
+ARCHITECTURES = {
+    "tiny": {},
+    "8b-slice": dict(hidden_size=2048, intermediate_size=6144, num_layers=4, num_heads=16, num_kv_heads=4,
+                     vision_dim=576, vision_depth=3, vision_heads=8, vision_mlp_ratio=4),  # 4304 / 1152 = 3.7, an integer here
+}
+
+
 def bench_pruning(model: str | None = None, videos: int = 16, batch: int = 4, repeats: int = 3,
                   threads: int = 1, seed: int = 50_000_000) -> dict:
     torch.set_num_threads(threads)
     if model in (None, "auto"):
         model = str(SHIPPED_JUDGE_DIR) if SHIPPED_JUDGE_DIR.is_dir() else "tiny"
-    judge = VideoExecJudge(*tiny_video_vlm(), template="{instruction}") if model == "tiny" else VideoExecJudge(model)
+    if model in ARCHITECTURES:
+        judge = VideoExecJudge(*tiny_video_vlm(**ARCHITECTURES[model]), template="{instruction}")
+    else:
+        judge = VideoExecJudge(model)
     examples = [generate_example(seed + i) for i in range(videos)]
     frames, texts = [e["frames"] for e in examples], [e["instruction"] for e in examples]
     result = {"model": model, "videos": videos, "batch": batch}
@@ -61,7 +80,7 @@ def bench_pruning(model: str | None = None, videos: int = 16, batch: int = 4, re
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="auto", help="judge folder / hub id, 'tiny' (random) or 'auto'")
+    parser.add_argument("--model", default="auto", help="judge folder / hub id, 'tiny' or '8b-slice' (random weights, see above) or 'auto'")
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)

@@ -152,7 +152,7 @@ def bench_train_step(model_spec: str = "shapesworld", batch: int = 16, repeats: 
 
 
 TOY_REWARDS = ("shapes_geneval", "shapes_quality", "shapes_saturation", "artifact_classifier",
-               "shapes_clip_score", "shapes_prompt_echo", "shapes_yes_no")
+               "shapes_clip_score", "shapes_prompt_echo")
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import rewards.vlm  # noqa: F401  (registers the VLM rewards; transformers is im
 import rewards.http  # noqa: F401  (registers "http_judge")
 import rewards.shapes_clip  # noqa: F401  (registers "shapes_clip_score"; the shipped CLIP loads on first use)
 import rewards.shapes_video  # noqa: F401  (registers "shapes_video_verifier")
+import rewards.shapes_vlm  # noqa: F401  (registers "shapes_prompt_echo"; weights load on first use)
 import rewards.artifact  # noqa: F401  (registers "artifact_classifier"; the shipped head loads on construction)
 import rewards.video_exec  # noqa: F401  (registers "video_exec"; transformers is imported lazily)
 

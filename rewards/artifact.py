@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, register_reward
+from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, progress_bar, register_reward
 
 __all__ = [
     "SHIPPED_HEAD_DIR",
@@ -395,17 +394,6 @@ def heldout_metrics(p_artifact: np.ndarray, labels: np.ndarray, kinds: Sequence[
     return metrics
 
 
-@contextlib.contextmanager
-def _progress(total: int, description: str, enabled: bool = True):
-    """A rich progress bar (shown on a terminal); yields an ``advance(n)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not (enabled and sys.stderr.isatty())) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
-
-
 def _model_samples(n: int, split: str, seed_offset: int, rng: np.random.Generator, generator: str,
                    show: bool) -> np.ndarray:
     """n base-model samples of random `split` prompts (category-balanced), seeds seed_offset + i."""
@@ -421,7 +409,7 @@ def _model_samples(n: int, split: str, seed_offset: int, rng: np.random.Generato
         options = by_tag[TAGS[int(rng.integers(len(TAGS)))]]
         texts.append(options[int(rng.integers(len(options)))])
     model = load_model(generator)
-    with _progress(n, f"sampling {split} images", show) as advance:
+    with progress_bar(n, f"sampling {split} images", show) as advance:
         images = generate(model, texts, [seed_offset + i for i in range(n)], batch_size=32, progress=advance)
     return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
@@ -431,7 +419,7 @@ def _embed(backbone: nn.Module, images: np.ndarray, description: str, show: bool
     """(N, H, W, 3) uint8 -> [N, C, P] backbone feature grids, stored in float16 (the head
     standardises them in float32; 4,096 VAE grids take 285 MB instead of 570)."""
     out = []
-    with _progress(len(images), description, show) as advance:
+    with progress_bar(len(images), description, show) as advance:
         for i in range(0, len(images), batch):
             chunk = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 255
             out.append(backbone(chunk).half())
@@ -500,7 +488,7 @@ def train_artifact_head(out: str | Path | None = None, *, seed: int = 0, backbon
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     generator_ = torch.Generator().manual_seed(seed)
     head.train()
-    with _progress(steps, "training head", show_progress) as advance:
+    with progress_bar(steps, "training head", show_progress) as advance:
         for step in range(steps):
             idx = torch.randint(0, len(y_train), (min(batch, len(y_train)),), generator=generator_)
             loss = F.binary_cross_entropy_with_logits(head(x_train[idx]), y_train[idx])

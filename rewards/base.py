@@ -21,10 +21,12 @@ give a dict with constructor arguments (see :func:`build_reward`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +40,7 @@ __all__ = [
     "FunctionReward",
     "as_scores",
     "frames_as_images",
+    "progress_bar",
     "register_reward",
     "build_reward",
     "build_weighted_reward",
@@ -56,6 +59,18 @@ def frames_as_images(samples: Tensor) -> tuple[Tensor, int]:
     if samples.ndim == 5:
         return samples.transpose(1, 2).flatten(0, 1), samples.shape[2]
     return samples, 1
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True):
+    """A rich progress bar with ETA on stderr when it is a terminal (silent otherwise, and when
+    ``enabled`` is False); yields ``advance(n=1)``. Shared by the CLI and the training tools."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not (enabled and sys.stderr.isatty())) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
 
 
 # ----------------------------------------------------------------------------- output

@@ -84,12 +84,15 @@ VIDEO_CHAT_TEMPLATE = (
     "<|im_end|>{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
 )
 def tiny_video_vlm(hidden_size: int = 96, num_layers: int = 2, num_heads: int = 4, vision_dim: int = 64,
-                   vision_depth: int = 1, max_pixels: int = 224 * 168, seed: int = 0, words_from: Sequence[str] = ()):
+                   vision_depth: int = 1, max_pixels: int = 224 * 168, seed: int = 0, words_from: Sequence[str] = (),
+                   *, intermediate_size: int | None = None, num_kv_heads: int | None = None, vision_heads: int = 2,
+                   vision_mlp_ratio: int = 2):
     """(model, processor): a small random Qwen2VLForConditionalGeneration built offline from a config.
 
     Byte-level tokenizer (each word of ``words_from`` one token), Qwen chat template with video parts, patch 14, temporal patch 2,
     spatial merge 2; the video processor keeps frames at <= ``max_pixels`` (224 x 168 -> 8 x 6
-    tokens per frame pair)."""
+    tokens per frame pair). The language model's MLP is ``intermediate_size`` wide (default
+    2 x ``hidden_size``) with ``num_kv_heads`` key/value heads (default: ``num_heads``)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -104,12 +107,13 @@ def tiny_video_vlm(hidden_size: int = 96, num_layers: int = 2, num_heads: int = 
     section = [half // 4, half // 4 + (half // 4 if half % 4 == 0 else 0), 0]
     section[2] = half - section[0] - section[1]
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
                          bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section}),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden_size, num_heads=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden_size, num_heads=vision_heads,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=vision_mlp_ratio),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)

@@ -19,12 +19,15 @@ from rewards import BaseAndBonus, build_reward, registered_rewards
 from rewards.vlm import (
     ARTIFACT_TEMPLATE,
     DESCRIBE_QUERY,
+    QWEN_SPECIALS,
+    QWEN_TEMPLATE,
     VQASCORE_TEMPLATE,
     ArtifactGuard,
     FirmCritic,
     LocalVLM,
     PromptEcho,
     YesNoJudge,
+    byte_tokenizer,
     parse_score,
     to_pil_images,
     user_turn,
@@ -33,35 +36,12 @@ from rewards.vlm import (
 IMAGE_SIZE = 32
 PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a cat"]
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ '\n' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
-)
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{{ m['role'].upper() }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>{{ '\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-
-
-def byte_tokenizer(special_tokens):
-    """Byte-level BPE without merges; special_tokens[0] is eos / pad / unk."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in special_tokens:
-        vocab[token] = len(vocab)
-    first = special_tokens[0]
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token=first, pad_token=first, unk_token=first)
-    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens[1:]})
-    return tokenizer
 
 
 def tiny_qwen2_vl(seed=0):

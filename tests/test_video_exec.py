@@ -146,3 +146,14 @@ def test_shipped_judge_meets_the_targets_on_fresh_videos():
         metrics[label] = judge_metrics(p.numpy(), labels)
     assert metrics["pruned"]["accuracy"] >= 0.9 and metrics["pruned"]["recall"] >= 0.9, metrics
     assert metrics["unpruned"]["accuracy"] - metrics["pruned"]["accuracy"] <= 0.01, metrics
+
+
+def test_pruning_benchmark_reports_a_shorter_sequence():
+    """eval.bench_video_exec's numbers are consistent (the timings themselves are for the script to print)."""
+    from eval.bench_video_exec import ARCHITECTURES, bench_pruning
+
+    assert set(ARCHITECTURES) == {"tiny", "8b-slice"}
+    result = bench_pruning("tiny", videos=2, batch=2, repeats=1)
+    assert 0 < result["kept_ratio[stp+ttp]"] <= min(result["kept_ratio[stp]"], result["kept_ratio[ttp]"]) <= 1
+    assert result["mean_sequence_length[pruned]"] < result["mean_sequence_length[unpruned]"]
+    assert result["forward_time_ratio"] > 0

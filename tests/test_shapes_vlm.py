@@ -1,0 +1,156 @@
+"""The shipped ShapesWorld captioner (rewards/shapes_vlm.py): present, unchanged, loadable by
+transformers' Auto classes, and giving PromptEcho real signal on held-out scenes.
+Numbers on more pairs and on base-model samples: `python -m eval.shapes_vlm_report`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval.shapes import (COLORS, HELD_OUT_COLOR_SHAPE, SHAPES, ObjectSpec, Scene, all_prompts, evaluate, is_held_out,
+                         prompts, render, scene_for_prompt)
+from rewards import build_reward, registered_rewards
+from rewards.shapes_vlm import (
+    CORRUPTIONS,
+    SHAPES_VLM_DIR,
+    SHIPPED_SHA256,
+    ShapesPromptEcho,
+    applicable_corruptions,
+    caption_inputs,
+    corrupt_prompt,
+    held_out_pairs,
+    load_shapes_vlm,
+    object_map_labels,
+    sample_examples,
+    shapes_vlm_components,
+    train_shapes_captioner,
+)
+from rewards.vlm import DESCRIBE_QUERY, LocalVLM, user_turn
+from samplers.models.shapesworld import weights_checksum
+
+# Issue 4, section 5: PromptEcho prefers the true caption over a corrupted one >= 90% of the time on held-out scenes.
+TARGET = 0.9
+
+
+def _binomial_tail(successes: int, n: int) -> float:
+    """P(X >= successes) for X ~ Binomial(n, 1/2): how likely a coin does at least this well."""
+    return sum(math.comb(n, k) for k in range(successes, n + 1)) / 2**n
+
+
+@pytest.fixture(scope="module")
+def held_out_preference():
+    """(per-kind rates, pooled successes, n): shapes_prompt_echo, true vs corrupted prompt, 64 fresh scenes."""
+    pairs = held_out_pairs(per_kind=16, seed=7)
+    assert all(is_held_out(m) for m, k in zip(pairs["metadata"], pairs["kinds"]) if k != "shape")
+    echo = build_reward("shapes_prompt_echo")
+    true, wrong = echo(pairs["images"], pairs["prompts"]).scores, echo(pairs["images"], pairs["corrupted"]).scores
+    kinds, prefers = np.array(pairs["kinds"]), (true > wrong).numpy()
+    return {kind: float(prefers[kinds == kind].mean()) for kind in CORRUPTIONS}, int(prefers.sum()), len(prefers)
+
+
+def test_shipped_weights_checksum_size_and_auto_classes():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    files = list(SHAPES_VLM_DIR.glob("*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size <= 8 * 2**20
+    assert weights_checksum(SHAPES_VLM_DIR) == SHIPPED_SHA256, \
+        "shipped ShapesWorld VLM changed: rebuild with `align train-shapes-vlm` and update SHIPPED_SHA256"
+    model = AutoModelForImageTextToText.from_pretrained(SHAPES_VLM_DIR)
+    processor = AutoProcessor.from_pretrained(SHAPES_VLM_DIR)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.chat_template
+
+
+def test_caption_words_are_single_tokens_and_any_text_tokenises():
+    tokenizer = load_shapes_vlm().tokenizer
+    for meta in all_prompts():
+        assert len(tokenizer(meta["prompt"], add_special_tokens=False)["input_ids"]) == len(meta["prompt"].split())
+    assert tokenizer.decode(tokenizer("a photo of a zebra ☂", add_special_tokens=False)["input_ids"]) == \
+        "a photo of a zebra ☂"  # unknown words fall back to bytes
+
+
+def test_prompt_echo_carries_real_signal_on_held_out_scenes(held_out_preference):
+    rates, successes, n = held_out_preference
+    assert rates["colour"] >= TARGET, rates  # colours are read off the image
+    assert _binomial_tail(successes, n) < 1e-3, (rates, successes, n)  # pooled: far from a coin
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4 target not met: count and shape fall short of 90%, position is at "
+                                       "chance on held-out relations (numbers: python -m eval.shapes_vlm_report)")
+def test_prompt_echo_meets_the_issue_target_on_every_kind(held_out_preference):
+    rates, _, _ = held_out_preference
+    assert all(rate >= TARGET for rate in rates.values()), rates
+
+
+def test_reward_is_registered_and_shares_one_cached_model():
+    echo = ShapesPromptEcho()
+    assert echo.vlm is build_reward("shapes_prompt_echo").vlm is load_shapes_vlm()
+    assert registered_rewards()["shapes_prompt_echo"] is ShapesPromptEcho
+    with pytest.raises(FileNotFoundError, match="train-shapes-vlm"):
+        load_shapes_vlm("/nonexistent/shapes_vlm")
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corruptions_are_false_for_the_scene(kind):
+    rng = np.random.default_rng(0)
+    metas = [m for m in all_prompts() if kind in applicable_corruptions(m)]
+    assert metas
+    for meta in metas:
+        wrong = corrupt_prompt(meta, kind, rng)
+        scene = render(scene_for_prompt(meta, rng))
+        assert wrong["prompt"] != meta["prompt"] and wrong["tag"] == meta["tag"]
+        assert evaluate(scene, meta)["strict"] and not evaluate(scene, wrong)["strict"]
+        strict = corrupt_prompt(meta, kind, rng, allow_held_out=False)
+        assert strict is None or not is_held_out(strict)
+    assert corrupt_prompt(prompts("train")[0], "count", rng) is None  # "a photo of a circle" has no count
+
+
+def test_training_examples_are_train_split_and_scored_like_prompt_echo():
+    rng = np.random.default_rng(0)
+    images, texts, wrong, scenes = sample_examples(200, rng)
+    train = {m["prompt"] for m in prompts("train")}
+    assert set(texts) <= train and {w for w in wrong if w} <= train
+    assert sum(w is not None for w in wrong) > 150 and all(w != t for w, t in zip(wrong, texts))
+    shown = {(o.color, o.shape) for scene in scenes for o in scene.objects}
+    assert not shown & set(HELD_OUT_COLOR_SHAPE)
+    # the labelled caption tokens are exactly what PromptEcho scores, with the same log-probabilities
+    model, processor = shapes_vlm_components("test")
+    inputs = caption_inputs(processor, images[:4], texts[:4])
+    labels, mask = inputs.pop("labels"), inputs.pop("caption_mask")
+    for row in range(4):
+        assert processor.tokenizer.decode(labels[row][labels[row] != -100]) == texts[row] + "<|im_end|>"
+    with torch.no_grad():
+        log_probs = model(**inputs).logits[:, :-1].log_softmax(-1)
+    token = log_probs.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    ours = (token * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)
+    reference, count = LocalVLM(model, processor, dtype="fp32").continuation_log_probs(
+        [user_turn([image], DESCRIBE_QUERY) for image in images[:4]], texts[:4])
+    torch.testing.assert_close(ours, reference.sum(1) / count.sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_object_map_labels_follow_the_scene():
+    scene = Scene([ObjectSpec("circle", "red", 12.0, 40.0, 20.0), ObjectSpec("square", "blue", 50.0, 40.0, 20.0)])
+    objects = object_map_labels([scene], 4).view(4, 4)
+    assert objects[2, 0] == 1 + SHAPES.index("circle") * len(COLORS) + COLORS.index("red")
+    assert objects[2, 3] == 1 + SHAPES.index("square") * len(COLORS) + COLORS.index("blue")
+    assert int((objects > 0).sum()) == 2
+
+
+def test_training_smoke_run(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = tmp_path / "vlm"
+    train_shapes_captioner(out, steps=3, seed=0, size="test", batch=4, probe_weight=1.0, log_every=1, progress=False)
+    assert not (tmp_path / "vlm.partial").exists()
+    assert len((out / "train_log.csv").read_text().splitlines()) == 4  # header + 3 steps
+    AutoProcessor.from_pretrained(out)
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    initial, _ = shapes_vlm_components("test", seed=0)
+    assert all(not torch.equal(p, initial.state_dict()[name]) for name, p in trained.state_dict().items())
+    images = torch.from_numpy(np.stack([render(scene_for_prompt(m, 0, avoid_color_shape=HELD_OUT_COLOR_SHAPE))
+                                        for m in prompts("train")[:2]])).permute(0, 3, 1, 2) / 255
+    scores = ShapesPromptEcho(path=out)(images, [m["prompt"] for m in prompts("train")[:2]]).scores
+    assert bool(torch.isfinite(scores).all() and (scores < 0).all())
