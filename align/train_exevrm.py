@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from eval.gui_videos import evaluate_judge, generate_dataset, vocabulary
-from rewards.video_exec import EXEC_TEMPLATE, SETTINGS_FILE, SHIPPED_JUDGE_DIR, VideoExecJudge, save_judge, tiny_video_vlm, \
-    train_video_judge
+from rewards.video_exec import (EXEC_TEMPLATE, SETTINGS_FILE, SHIPPED_JUDGE_DIR, VideoExecJudge, judge_settings,
+                                 save_judge, tiny_video_vlm, train_video_judge)
 
 # The tiny judge is trained from scratch: the bare instruction is the question (after a space, so that each of
 # its words is one token of the tiny tokenizer).
@@ -39,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where synthetic videos are written (reused if present)")
     parser.add_argument("--train-videos", type=int, default=1600)
     parser.add_argument("--test-videos", type=int, default=400)
-    parser.add_argument("--model", default="tiny", help="'tiny' (built from a config) or a hub id / folder")
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (built from a config) or a hub id / folder; a judge saved by this command "
+                             "(e.g. the shipped one) is fine-tuned further with its own question and pixel budget")
     parser.add_argument("--out", type=Path, default=SHIPPED_JUDGE_DIR, help="output folder")
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=8)
@@ -94,7 +95,8 @@ def main(args) -> dict:
         args.data = args.workdir / "train" / "data.jsonl"
         args.test = args.test or args.workdir / "test" / "data.jsonl"
     train_rows, train_root = _rows(args.data)
-    args.max_pixels = args.max_pixels or (112 * 84 if args.model == "tiny" else 640 * 480)
+    saved = judge_settings(args.model)  # a judge saved by this command: go on with its question and pixel budget
+    args.max_pixels = args.max_pixels or saved.get("max_pixels") or (112 * 84 if args.model == "tiny" else 640 * 480)
     if args.model == "tiny":
         model, processor = tiny_video_vlm(max_pixels=args.max_pixels, seed=args.seed, words_from=vocabulary())
         template = TINY_TEMPLATE
@@ -103,7 +105,7 @@ def main(args) -> dict:
 
         model = AutoModelForImageTextToText.from_pretrained(args.model)
         processor = AutoProcessor.from_pretrained(args.model)
-        template = EXEC_TEMPLATE
+        template = saved.get("template", EXEC_TEMPLATE)
     print(f"training on {len(train_rows)} rows, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     describe = args.describe_weight
     if describe > 0 and not any(row.get("description") for row in train_rows):

@@ -83,6 +83,8 @@ VIDEO_CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>{{ '\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
 )
+
+
 def tiny_video_vlm(hidden_size: int = 96, num_layers: int = 2, num_heads: int = 4, vision_dim: int = 64,
                    vision_depth: int = 1, max_pixels: int = 224 * 168, seed: int = 0, words_from: Sequence[str] = (),
                    *, intermediate_size: int | None = None, num_kv_heads: int | None = None, vision_heads: int = 2,
@@ -214,7 +216,8 @@ def forward_logits(model, batch: VideoBatch, positions: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the reward
 
 
-def _load_settings(model: Any) -> dict:
+def judge_settings(model: Any) -> dict:
+    """The ``video_exec.json`` settings saved beside a judge folder ({} for hub ids, built models, other folders)."""
     path = Path(model) / SETTINGS_FILE if isinstance(model, (str, Path)) and Path(model).is_dir() else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
@@ -250,7 +253,7 @@ class VideoExecJudge(Reward):
         if isinstance(model, (str, Path)) and Path(model) == SHIPPED_JUDGE_DIR and not SHIPPED_JUDGE_DIR.is_dir():
             raise FileNotFoundError(f"{name}: no shipped judge at {SHIPPED_JUDGE_DIR}; train one with "
                                     "`align train-exevrm` or pass model=<hub id or folder>")
-        settings = _load_settings(model)
+        settings = judge_settings(model)
         self.vlm = LocalVLM.build(str(model) if isinstance(model, Path) else model, processor,
                                   device=device, dtype=dtype)
         self.name, self.batch_size, self.interval = name, batch_size, interval

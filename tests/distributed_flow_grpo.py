@@ -8,7 +8,11 @@ Run by tests/test_flow_grpo_distributed.py, or by hand:
 
 Each writes OUT/advantages.pt (epoch 0's gathered rewards, group ids, advantages and keep mask
 by global sample id) and a normal run folder OUT/run (checkpoints, metrics.csv). The config
-makes groups span ranks: 3 groups of 4 = 12 samples, 6 per rank, so group 1 is split.
+makes groups span ranks: 3 groups of 4 = 12 samples, 6 per rank, so group 1 is split. A rank's
+share of an update can be an odd number of samples, so its training micro-batches need not have
+the rollout's batch shape; some CPUs (seen on AMD EPYC) then re-score 1 ulp off, so the old
+log-probs are re-scored in the training micro-batches (recompute_old_log_probs) and the first
+ratio is exactly 1 on any hardware.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def config(out: Path):
     return load_config(FlowGRPOConfig, data=dict(
         model="toy:test", reward="shapes_saturation", group_size=4, groups_per_epoch=3, num_epochs=2,
         lora=dict(rank=4), sampler=dict(num_steps=4, eval_num_steps=3, batch_size=2), micro_batch_size=2,
-        kl_beta=0.04, updates_per_epoch=2, output_dir=str(out / "run"), eval_every=1, quiet=True,
+        kl_beta=0.04, updates_per_epoch=2, recompute_old_log_probs=True, output_dir=str(out / "run"), eval_every=1, quiet=True,
         prompts=dict(eval_num_prompts=3), ema=dict(update_interval=1), checkpoint_every=1, keep_checkpoints=0))
 
 
