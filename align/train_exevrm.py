@@ -125,6 +125,8 @@ def main(args) -> dict:
                     and v is not None),
                     "rows": len(train_rows), "seconds": round(history["seconds"], 1),
                     "final_loss": float(np.mean(history["losses"][-50:]))}}
+    if "training" in saved:  # fine-tuned from a saved judge: keep how that one was made
+        settings["training"]["base"] = saved["training"]
     out = save_judge(model, processor, args.out, settings)
     if args.test is not None:
         settings["metrics"] = evaluate_saved(out, *_rows(args.test))

@@ -48,8 +48,9 @@ __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLA
            "parse_interval", "answer_text"]
 
 SHIPPED_JUDGE_DIR = Path(__file__).parent / "models" / "weights" / "video_exec_judge"
-# samplers.models.shapesworld.weights_checksum() of the shipped judge (`align train-exevrm`, defaults).
-SHIPPED_JUDGE_SHA256 = "f6302987e06c45903af0b679d7913b45b0f74376d00199372133f8a70d6325a3"
+# samplers.models.shapesworld.weights_checksum() of the shipped judge (`align train-exevrm`, then the interval stage:
+# README "Video execution judge"; the command of each stage is in its video_exec.json).
+SHIPPED_JUDGE_SHA256 = "988bfd4e0b0d67c9960f3f27479d1ed4d936f2fd9ee5182afc1e763cb175d7b8"
 SETTINGS_FILE = "video_exec.json"
 DESCRIBE_QUESTION = "What did the agent do?"  # the auxiliary task of train_video_judge(describe_weight=...)
 EXEC_TEMPLATE = ("The video is a screen recording of a computer-use agent. Instruction: \"{instruction}\". "
