@@ -13,7 +13,7 @@ random weights (timing does not depend on the weights). Run it on an idle machin
 fine-tune: a 36-layer, 4096-wide language model with 8 key/value heads and a 12288-wide MLP; a
 27-layer, 1152-wide vision encoder): every width halved and both depths divided by 9 (4 language
 layers, 3 vision layers), so the split of compute between the vision encoder (which sees every
-patch) and the language model (which sees only the kept tokens) is an 8B model's. At the tiny
+patch) and the language model (which sees only the kept tokens) is about an 8B model's. At the tiny
 judge's size the vision encoder and Python overheads dominate and pruning saves little; this
 shows what it saves where the language model dominates, as it does in the real judge.
 """
@@ -35,8 +35,9 @@ from rewards.video_exec import SHIPPED_JUDGE_DIR, VideoBatch, VideoExecJudge, fo
 # Random-weight architectures (tiny_video_vlm arguments): the tiny judge's, and an 8B judge's proportions (see above).
 ARCHITECTURES = {
     "tiny": {},
+    # vision MLP ratio 4: Qwen3-VL's is 4304 / 1152 = 3.7, and Qwen2VLConfig takes an integer
     "8b-slice": dict(hidden_size=2048, intermediate_size=6144, num_layers=4, num_heads=16, num_kv_heads=4,
-                     vision_dim=576, vision_depth=3, vision_heads=8, vision_mlp_ratio=4),  # 4304 / 1152 = 3.7, an integer here
+                     vision_dim=576, vision_depth=3, vision_heads=8, vision_mlp_ratio=4),
 }
 
 
@@ -80,7 +81,8 @@ def bench_pruning(model: str | None = None, videos: int = 16, batch: int = 4, re
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="auto", help="judge folder / hub id, 'tiny' or '8b-slice' (random weights, see above) or 'auto'")
+    parser.add_argument("--model", default="auto",
+                        help="judge folder / hub id, 'tiny' or '8b-slice' (random weights, see above) or 'auto'")
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)

@@ -335,7 +335,8 @@ def noise_context(input_ids: torch.Tensor, labels: torch.Tensor, groups: list[to
     noisy = input_ids.clone()
     in_answer = labels != -100  # [B, L]
     for group in groups:
-        hit = torch.isin(input_ids, group) & in_answer & (torch.rand(input_ids.shape, generator=generator) < probability)
+        drawn = torch.rand(input_ids.shape, generator=generator) < probability
+        hit = torch.isin(input_ids, group) & in_answer & drawn
         noisy[hit] = group[torch.randint(len(group), (int(hit.sum()),), generator=generator)]
     return noisy
 
@@ -401,7 +402,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
 
     start, cpu_start, recent = time.time(), time.process_time(), []
     columns = ["loss", "caption_loss", "margin_loss", "prefers_true", "probe_loss"]
-    with open(work / "train_log.csv", "w", newline="") as log_file, progress_bar(steps, "train-shapes-vlm", progress) as advance:
+    with (open(work / "train_log.csv", "w", newline="") as log_file,
+          progress_bar(steps, "train-shapes-vlm", progress) as advance):
         writer = csv.writer(log_file)
         writer.writerow(["step", "elapsed_s", "cpu_s", *columns, "lr"])
         for step in range(steps):
