@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,9 +49,9 @@ __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLA
            "parse_interval", "answer_text"]
 
 SHIPPED_JUDGE_DIR = Path(__file__).parent / "models" / "weights" / "video_exec_judge"
-# samplers.models.shapesworld.weights_checksum() of the shipped judge (`align train-exevrm`, then the interval stage:
-# README "Video execution judge"; the command of each stage is in its video_exec.json).
-SHIPPED_JUDGE_SHA256 = "988bfd4e0b0d67c9960f3f27479d1ed4d936f2fd9ee5182afc1e763cb175d7b8"
+# samplers.models.shapesworld.weights_checksum() of the shipped judge: `align train-exevrm`, then its interval stage
+# twice (README "Video execution judge"; video_exec.json records the command of each stage).
+SHIPPED_JUDGE_SHA256 = "712eddacf6a08bae172d22d86294fd598202dca1e4e6eb6b2bcc572c7669b9b3"
 SETTINGS_FILE = "video_exec.json"
 DESCRIBE_QUESTION = "What did the agent do?"  # the auxiliary task of train_video_judge(describe_weight=...)
 EXEC_TEMPLATE = ("The video is a screen recording of a computer-use agent. Instruction: \"{instruction}\". "
@@ -469,10 +470,17 @@ def _train_loop(vlm, judged, described, steps, batch_size, lr, weight_decay, con
 
 
 def save_judge(model, processor, out: str | Path, settings: dict) -> Path:
-    """Write the model, processor and ``video_exec.json`` (judge settings + metrics) to ``out``."""
+    """Write the model, processor and ``video_exec.json`` (judge settings + metrics) to ``out``,
+    atomically: into ``<out>.partial``, then swapped in, so a killed save never leaves a broken
+    judge where a good one was (``out`` may be the folder the model was loaded from)."""
+    from align.checkpoint import replace_dir  # the training tool sits above the reward layer
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model.save_pretrained(work)
+    processor.save_pretrained(work)
+    (work / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    replace_dir(work, out)
     return out

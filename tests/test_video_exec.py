@@ -175,11 +175,14 @@ def test_train_exevrm_command_and_fine_tuning_a_saved_judge(tmp_path):
     from rewards.video_exec import SETTINGS_FILE
 
     common = ["--workdir", str(tmp_path / "data"), "--train-videos", "4", "--test-videos", "2", "--batch", "2"]
-    assert main(["train-exevrm", *common, "--steps", "2", "--out", str(tmp_path / "base")]) == 0
-    assert main(["train-exevrm", *common, "--steps", "1", "--interval-weight", "1", "--model", str(tmp_path / "base"),
-                 "--out", str(tmp_path / "tuned")]) == 0
-    base = json.loads((tmp_path / "base" / SETTINGS_FILE).read_text())
-    tuned = json.loads((tmp_path / "tuned" / SETTINGS_FILE).read_text())
+    judge = tmp_path / "judge"
+    assert main(["train-exevrm", *common, "--steps", "2", "--out", str(judge)]) == 0
+    base = json.loads((judge / SETTINGS_FILE).read_text())
+    # in place, as README's recipe does: the save is atomic, so the folder is whole before and after
+    assert main(["train-exevrm", *common, "--steps", "1", "--interval-weight", "1", "--model", str(judge),
+                 "--out", str(judge)]) == 0
+    tuned = json.loads((judge / SETTINGS_FILE).read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "judge"]  # no .partial or .old folder left
     assert tuned["template"] == base["template"] == TINY_TEMPLATE
     assert tuned["max_pixels"] == base["max_pixels"] == 112 * 84
     assert tuned["training"]["base"] == base["training"] and "--interval-weight 1.0" in tuned["training"]["command"]
