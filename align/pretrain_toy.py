@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rewards.base import cosine_lr
 
 
 def sample_train_metas(n: int, rng: np.random.Generator) -> list[dict]:
@@ -38,13 +39,6 @@ def render_batch(metas: list[dict], rng: np.random.Generator) -> torch.Tensor:
 
     arr = np.stack([render(scene_for_prompt(m, rng)) for m in metas])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 0, as a multiplier of the base learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def train_vae(vae, steps: int, batch: int, lr: float, kl_weight: float, rng, log, crop: int = 32) -> None:

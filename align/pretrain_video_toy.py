@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pretrain_toy import cosine_lr
+from rewards.base import cosine_lr
 
 
 def balanced_metas(split: str, n: int, rng: np.random.Generator) -> list[dict]:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, progress_bar, register_reward
+from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, cosine_lr, frames_as_images, progress_bar, register_reward
 
 __all__ = [
     "SHIPPED_HEAD_DIR",
@@ -485,7 +485,7 @@ def train_artifact_head(out: str | Path | None = None, *, seed: int = 0, backbon
     head.feature_mean.copy_(mean)
     head.feature_std.copy_(std)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
     generator_ = torch.Generator().manual_seed(seed)
     head.train()
     with progress_bar(steps, "training head", show_progress) as advance:

@@ -41,6 +41,7 @@ __all__ = [
     "as_scores",
     "frames_as_images",
     "progress_bar",
+    "cosine_lr",
     "register_reward",
     "build_reward",
     "build_weighted_reward",
@@ -71,6 +72,14 @@ def progress_bar(total: int, description: str, enabled: bool = True):
                   disable=not (enabled and sys.stderr.isatty())) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine decay from 1 to
+    ``floor`` at ``total`` (for ``torch.optim.lr_scheduler.LambdaLR``). Shared by the training tools."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ----------------------------------------------------------------------------- output

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rewards.base import cosine_lr
+
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "prm.safetensors"
 
 __all__ = ["LatentPRM", "prompt_vectors", "save_prm", "load_prm", "fit_prm", "train_prm", "evaluate_prm", "spearman",
@@ -163,7 +165,7 @@ def fit_prm(x0: Tensor, r: Tensor, groups: Tensor, text: Tensor, *, steps: int =
     prm.reward_mean.fill_(r.mean())
     prm.reward_std.fill_(r.std().clamp_min(1e-6))
     optimizer = torch.optim.AdamW(prm.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
     gen = torch.Generator().manual_seed(seed)
     start, log = time.perf_counter(), []
     for step in range(steps):

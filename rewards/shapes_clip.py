@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewards.base import register_reward
+from rewards.base import cosine_lr, register_reward
 from rewards.clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder, ClipScoreReward
 
 SHAPES_CLIP_DIR = Path(__file__).parent / "models" / "weights" / "shapes_clip"
@@ -489,12 +489,6 @@ def contrastive_loss(images: Tensor, texts: Tensor, negatives: Tensor, negative_
     return loss, metrics
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, batch: int = 64, negatives: int = 3,
                       lr: float = 1e-3, weight_decay: float = 0.1, warmup: int = 100, size: str = "shapes_clip",
                       threads: int = 1, strict_holdout: bool = False, focus: bool = True, sincos: bool = True,
@@ -525,7 +519,7 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
     groups = [{"params": [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n], "weight_decay": weight_decay},
               {"params": [p for n, p in trainable if p.ndim < 2 or "embedding" in n], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup))
     model.train()
     verdicts: dict = {}  # positive_mask's memo
     start, cpu_start = time.time(), time.process_time()

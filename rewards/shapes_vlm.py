@@ -63,7 +63,7 @@ from eval.shapes import (
     two_object_prompt,
 )
 from eval.shapes.world import SIZE_RANGE_MANY, SUPERSAMPLE
-from rewards.base import progress_bar, register_reward
+from rewards.base import cosine_lr, progress_bar, register_reward
 from rewards.vlm import DESCRIBE_QUERY, QWEN_SPECIALS, QWEN_TEMPLATE, LocalVLM, PromptEcho, byte_tokenizer, user_turn
 
 __all__ = [
@@ -344,13 +344,6 @@ def noise_context(input_ids: torch.Tensor, labels: torch.Tensor, groups: list[to
 # ----------------------------------------------------------------------------- training
 
 
-def _lr_multiplier(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5% of the base rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DEFAULT_STEPS, seed: int = 0, *,
                            size: str = "shapes_vlm", batch: int = 32, lr: float = DEFAULT_LR, warmup: int = 100,
                            margin: float = DEFAULT_MARGIN, margin_weight: float = DEFAULT_MARGIN_WEIGHT,
@@ -396,7 +389,7 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     hook = model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.append(output))
     parameters = [*model.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_multiplier(s, steps, warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup, floor=0.05))
     groups = word_groups(processor.tokenizer)
     functional = torch.nn.functional
 
