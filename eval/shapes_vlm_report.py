@@ -19,22 +19,7 @@ import time
 import numpy as np
 import torch
 
-
-def _ranks(values) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation: Pearson correlation of the (tie-averaged) ranks."""
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+from rewards.process_reward import spearman
 
 
 @torch.inference_mode()

@@ -64,7 +64,8 @@ from eval.shapes import (
 )
 from eval.shapes.world import SIZE_RANGE_MANY, SUPERSAMPLE
 from rewards.base import cosine_lr, progress_bar, register_reward
-from rewards.vlm import DESCRIBE_QUERY, QWEN_SPECIALS, QWEN_TEMPLATE, LocalVLM, PromptEcho, byte_tokenizer, user_turn
+from rewards.vlm import (DESCRIBE_QUERY, QWEN_SPECIALS, QWEN_TEMPLATE, LocalVLM, PromptEcho, append_continuations,
+                         byte_tokenizer, user_turn)
 
 __all__ = [
     "SHAPES_VLM_DIR",
@@ -296,25 +297,13 @@ def caption_inputs(processor, images: list, captions: list[str]) -> dict:
     texts = [processor.apply_chat_template(user_turn([image], DESCRIBE_QUERY), add_generation_prompt=True,
                                            tokenize=False) for image in images]
     prefix = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
-    keep = prefix["attention_mask"].bool()  # [B, L0]
-    per_token = [k for k, v in prefix.items() if v.shape == keep.shape]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in captions]
-    lengths = keep.sum(1).tolist()
-    width = max(n + len(a) + 1 for n, a in zip(lengths, answers))
-    inputs = {k: v for k, v in prefix.items() if k not in per_token}
-    for key in per_token:
-        inputs[key] = torch.zeros(len(images), width, dtype=prefix[key].dtype)
-    inputs["input_ids"].fill_(tokenizer.pad_token_id)
-    labels = torch.full((len(images), width), -100)
-    caption_mask = torch.zeros(len(images), width, dtype=torch.bool)
-    for i, (n, answer) in enumerate(zip(lengths, answers)):
-        for key in per_token:
-            inputs[key][i, :n] = prefix[key][i][keep[i]]
-        ids = torch.tensor(answer + [end])
-        inputs["input_ids"][i, n:n + len(ids)] = ids
-        inputs["attention_mask"][i, n:n + len(ids)] = 1
-        labels[i, n:n + len(ids)] = ids
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    inputs, lengths = append_continuations(prefix, [answer + [end] for answer in answers], tokenizer.pad_token_id)
+    labels = torch.full(inputs["input_ids"].shape, -100)
+    caption_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+    for i, (n, answer) in enumerate(zip(lengths.tolist(), answers)):
+        labels[i, n:n + len(answer) + 1] = inputs["input_ids"][i, n:n + len(answer) + 1]
         caption_mask[i, n:n + len(answer)] = True
     inputs["labels"], inputs["caption_mask"] = labels, caption_mask
     return inputs

@@ -111,6 +111,31 @@ def byte_tokenizer(special_tokens: Sequence[str] = QWEN_SPECIALS, words_from: Se
     return tokenizer
 
 
+def append_continuations(prefix: dict, continuations: Sequence[Sequence[int]], pad_id: int) -> tuple[dict, Tensor]:
+    """Teacher-forcing inputs: each row of a right-padded processor encoding ``prefix`` with the
+    token ids of its continuation appended right after its real tokens (padding moves to the end).
+
+    Per-token integer inputs (input_ids, attention_mask, mm_token_type_ids, ...) are re-laid out;
+    everything else (pixel values, grids) is kept. Returns (inputs, prefix lengths [B]).
+    """
+    keep = prefix["attention_mask"].bool()  # [B, L0]
+    lengths = keep.sum(1).cpu()  # [B]
+    batch, device = len(continuations), keep.device
+    width = int(max(int(n) + len(c) for n, c in zip(lengths, continuations)))
+    per_token = [k for k, v in prefix.items() if not v.is_floating_point() and v.shape == keep.shape]
+    inputs = {k: v for k, v in prefix.items() if k not in per_token}
+    for key in per_token:
+        inputs[key] = torch.zeros(batch, width, dtype=prefix[key].dtype, device=device)
+    inputs["input_ids"].fill_(pad_id)
+    for i, continuation in enumerate(continuations):
+        start, stop = int(lengths[i]), int(lengths[i]) + len(continuation)
+        for key in per_token:
+            inputs[key][i, :start] = prefix[key][i][keep[i]]
+        inputs["input_ids"][i, start:stop] = torch.as_tensor(continuation, dtype=torch.long, device=device)
+        inputs["attention_mask"][i, start:stop] = 1
+    return inputs, lengths
+
+
 def to_pil_images(samples: Tensor) -> list:
     """[B, 3, H, W] floats in [0, 1] -> B RGB PIL images (8-bit, what VLM processors expect)."""
     from PIL import Image
@@ -275,26 +300,14 @@ class LocalVLM:
         real tokens. The continuation is tokenised on its own (no special tokens) and appended
         after the generation prompt, so its tokens are exactly the prompt's tokens.
         """
-        prefix = self.encode(conversations)
-        keep = prefix["attention_mask"].bool()  # [B, L0]
         targets = [torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
                    for text in continuations]
-        prefix_len = keep.sum(1).cpu()  # [B]
-        count = torch.tensor([len(t) for t in targets])  # [B]
-        batch, width, longest = len(targets), int((prefix_len + count).max()), max(1, int(count.max()))
-        per_token = [k for k, v in prefix.items() if not v.is_floating_point() and v.shape == keep.shape]
-        inputs = {k: v for k, v in prefix.items() if k not in per_token}
-        for key in per_token:  # input_ids, attention_mask, mm_token_type_ids, ...
-            inputs[key] = torch.zeros(batch, width, dtype=prefix[key].dtype, device=self.device)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        inputs["input_ids"].fill_(pad_id)
-        target_ids = torch.full((batch, longest), pad_id, dtype=torch.long)  # [B, T]
+        inputs, prefix_len = append_continuations(self.encode(conversations), targets, pad_id)
+        count = torch.tensor([len(t) for t in targets])  # [B]
+        width, longest = inputs["input_ids"].shape[1], max(1, int(count.max()))
+        target_ids = torch.full((len(targets), longest), pad_id, dtype=torch.long)  # [B, T]
         for i, target in enumerate(targets):
-            start, stop = int(prefix_len[i]), int(prefix_len[i] + count[i])
-            for key in per_token:
-                inputs[key][i, :start] = prefix[key][i][keep[i]]
-            inputs["input_ids"][i, start:stop] = target.to(self.device)
-            inputs["attention_mask"][i, start:stop] = 1
             target_ids[i, : len(target)] = target
         # Token t of the continuation is predicted at position prefix_len - 1 + t.
         positions = (prefix_len[:, None] - 1 + torch.arange(longest)).clamp(max=width - 1)  # [B, T]
