@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from eval.shapes import (COLORS, HELD_OUT_COLOR_SHAPE, SHAPES, ObjectSpec, Scene, all_prompts, evaluate, is_held_out,
                          prompts, render, scene_for_prompt)
@@ -23,10 +24,12 @@ from rewards.shapes_vlm import (
     corrupt_prompt,
     held_out_pairs,
     load_shapes_vlm,
+    noise_context,
     object_map_labels,
     sample_examples,
     shapes_vlm_components,
     train_shapes_captioner,
+    word_groups,
 )
 from rewards.vlm import DESCRIBE_QUERY, LocalVLM, user_turn
 from samplers.models.shapesworld import weights_checksum
@@ -139,11 +142,34 @@ def test_object_map_labels_follow_the_scene():
     assert int((objects > 0).sum()) == 2
 
 
+def test_context_noise_swaps_caption_words_but_never_the_subject_of_a_relation():
+    _, processor = shapes_vlm_components("test")
+    captions = ["a photo of a square left of a circle", "a photo of a red circle and a blue square"]
+    inputs = caption_inputs(processor, [Image.new("RGB", (32, 32))] * 2, captions)
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    groups = word_groups(processor.tokenizer)
+    noised = [noise_context(ids, labels, groups, 1.0, torch.Generator().manual_seed(seed), protect_subject=True)
+              for seed in range(20)]
+    words = torch.cat(groups)
+    subject = processor.tokenizer.convert_tokens_to_ids("Ġsquare")
+    before_relation = (ids == subject) & torch.isin(torch.roll(ids, -1, 1), groups[-1])
+    assert int(before_relation.sum()) == 1
+    for noisy in noised:
+        assert torch.equal(noisy[labels == -100], ids[labels == -100])  # the prompt is never touched
+        assert torch.equal(noisy[before_relation], ids[before_relation])
+        assert bool(torch.isin(noisy[torch.isin(ids, words)], words).all())  # a word becomes a word of its kind
+    changed = torch.stack([noisy != ids for noisy in noised]).any(0)
+    assert bool(changed[torch.isin(ids, words) & (labels != -100) & ~before_relation].all())  # all others do move
+    unprotected = noise_context(ids, labels, groups, 1.0, torch.Generator().manual_seed(0))
+    assert torch.isin(unprotected[before_relation], groups[1]).all()  # without the guard the subject is fair game
+
+
 def test_training_smoke_run(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     out = tmp_path / "vlm"
-    train_shapes_captioner(out, steps=3, seed=0, size="test", batch=4, probe_weight=1.0, log_every=1, progress=False)
+    train_shapes_captioner(out, steps=3, seed=0, size="test", batch=4, probe_weight=1.0, where_weight=1.0,
+                           protect_subject=True, log_every=1, progress=False)
     assert not (tmp_path / "vlm.partial").exists()
     assert len((out / "train_log.csv").read_text().splitlines()) == 4  # header + 3 steps
     AutoProcessor.from_pretrained(out)
