@@ -58,3 +58,19 @@ def test_pretrain_video_toy_is_reproducible_and_loadable(tmp_path):
     log = (a / "pretrain_log.csv").read_text().splitlines()
     assert log[0] == "phase,step,elapsed_s,metric,value" and any(l.startswith("done,") for l in log)
     assert not (a / "eval_log.json").exists() and not (tmp_path / "a.partial").exists()
+
+
+def test_sample_timesteps_shift_matches_sd3_analytic():
+    import math
+
+    from align.pretrain_video_toy import sample_timesteps
+
+    n = 200_000
+    plain = sample_timesteps(n, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.sigmoid(torch.randn(n, generator=torch.Generator().manual_seed(0))))
+    shifted = sample_timesteps(n, torch.Generator().manual_seed(0), shift=3.0)
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain)) and 0 < shifted.min() and shifted.max() < 1
+    # t' > 0.9  <=>  t > 0.75  <=>  z > logit(0.75) = ln 3, with z ~ N(0, 1)
+    tail = lambda x: 0.5 * math.erfc(x / math.sqrt(2))  # noqa: E731
+    assert abs((plain > 0.9).float().mean().item() - tail(math.log(9))) < 0.002   # 1.4%
+    assert abs((shifted > 0.9).float().mean().item() - tail(math.log(3))) < 0.004  # 13.6%
