@@ -239,9 +239,10 @@ def shrink_objects(scene, rng: np.random.Generator, probability: float = 0.5):
 def sample_examples(n: int, rng: np.random.Generator, augment: float = 0.5, tag_weights: dict | None = None):
     """n training examples of TRAIN-split prompts: (PIL images, prompts, corrupted prompts, scenes).
 
-    Tags are drawn with ``tag_weights`` (TAG_WEIGHTS updated by it), then prompts uniformly within the tag; scenes never draw a
-    held-out colour-shape pair. The corrupted prompt (None when there is none) is false for the
-    scene and never held-out text (:func:`corrupt_prompt` of the tag's kind).
+    Tags are drawn with TAG_WEIGHTS (updated by ``tag_weights``), then prompts uniformly within
+    the tag; scenes never draw a held-out colour-shape pair. The corrupted prompt (None when
+    there is none) is false for the scene and never held-out text (:func:`corrupt_prompt` of the
+    tag's kind).
     """
     from PIL import Image
 
@@ -388,7 +389,7 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     ``where_weight`` > 0 adds a second probe asking each merged image token for its own cell
     (Qwen2-VL's tokens otherwise carry no position a caption can read); ``protect_subject`` never
     swaps the subject word of a relation caption in the input; ``slot_noise`` is the swap
-    probability of number and relation words (default ``context_noise``): at 1 the shape word
+    probability of number and relation words (None: ``context_noise``): at 1 the shape word
     after them must be read off the image, not guessed from the text. ``tag_weights`` updates
     TAG_WEIGHTS, how often each GenEval tag is drawn.
 
@@ -435,7 +436,7 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
             inputs = caption_inputs(processor, images + [images[i] for i in paired],
                                     texts + [wrong[i] for i in paired])
             labels, caption_mask = inputs.pop("labels"), inputs.pop("caption_mask")  # [R, L]
-            if context_noise > 0 or slot_noise:  # only the true captions' context (a corrupted caption is its own input)
+            if any(probabilities):  # only the true captions' context (a corrupted caption is its own input)
                 noisy = noise_context(inputs["input_ids"][:batch], labels[:batch], groups, probabilities, generator,
                                       protect_subject)
                 inputs["input_ids"] = torch.cat([noisy, inputs["input_ids"][batch:]])
