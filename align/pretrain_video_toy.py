@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rewards.base import cosine_lr
+from samplers.schedules import shift_sigmas
 
 
 def balanced_metas(split: str, n: int, rng: np.random.Generator) -> list[dict]:
@@ -65,8 +66,6 @@ def sample_timesteps(batch: int, gen: torch.Generator, shift: float = 1.0) -> to
     Sec. 5.3.2, eq. 23; `samplers.schedules.shift_sigmas`). shift 1 = plain logit-normal (the
     shipped run); shift 3 = the sampler's shift, P(t > 0.9) 1.4% -> 13.6%: the direction word only matters at
     high noise, where the sampler's first steps are (sigmas 1, 0.96, 0.91, 0.86)."""
-    from samplers.schedules import shift_sigmas
-
     t = torch.sigmoid(torch.randn(batch, generator=gen))
     return t if shift == 1.0 else shift_sigmas(t, shift)
 

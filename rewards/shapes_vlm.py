@@ -366,7 +366,7 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
                            margin: float = DEFAULT_MARGIN, margin_weight: float = DEFAULT_MARGIN_WEIGHT,
                            context_noise: float = DEFAULT_CONTEXT_NOISE,
                            probe_weight: float = DEFAULT_PROBE_WEIGHT, where_weight: float = DEFAULT_WHERE_WEIGHT,
-                           protect_subject: bool = True, slot_noise: float | None = DEFAULT_SLOT_NOISE,
+                           protect_subject: bool = True, slot_noise: float = DEFAULT_SLOT_NOISE,
                            tag_weights: dict | None = None,
                            augment: float = 0.5, threads: int = 1,
                            log_every: int = 50, snapshot_every: int = 0, snapshot_dir: str | Path | None = None,
@@ -389,9 +389,9 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     ``where_weight`` > 0 adds a second probe asking each merged image token for its own cell
     (Qwen2-VL's tokens otherwise carry no position a caption can read); ``protect_subject`` never
     swaps the subject word of a relation caption in the input; ``slot_noise`` is the swap
-    probability of number and relation words (None: ``context_noise``): at 1 the shape word
-    after them must be read off the image, not guessed from the text. ``tag_weights`` updates
-    TAG_WEIGHTS, how often each GenEval tag is drawn.
+    probability of number and relation words: at 1 the shape word after them must be read off the
+    image, not guessed from the text. ``tag_weights`` updates TAG_WEIGHTS, how often each GenEval
+    tag is drawn.
 
     Seeded; everything is written to ``<out_dir>.partial`` and swapped in at the end, so a killed
     run never leaves a half-written model where a good one was. ``train_log.csv`` (wall and
@@ -420,8 +420,7 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup, floor=0.05))
     groups = word_groups(processor.tokenizer)  # colours, shapes, plural shapes, numbers, relations
-    slot = context_noise if slot_noise is None else slot_noise
-    probabilities = [context_noise] * 3 + [slot, slot]
+    probabilities = [context_noise] * 3 + [slot_noise] * 2
     functional = torch.nn.functional
 
     start, cpu_start, recent = time.time(), time.process_time(), []
