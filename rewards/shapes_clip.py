@@ -7,7 +7,7 @@ CLIP BPE tokenizer rebuilt offline (samplers/models/clip_tokenizer.py). Shipped 
 ``rewards/models/weights/shapes_clip/`` (7.6 MB, with its train_log.csv and shapes_clip.json),
 made by
 
-    align train-shapes-clip     # defaults = the shipped run: 1,500 steps of 64, 15.6 CPU-minutes on 1 thread
+    align train-shapes-clip --relation-weight 0 --layout-weight 0   # the shipped run: 1,500 steps of 64, 15.6 CPU-min
 
 and used as
 
@@ -53,6 +53,47 @@ layouts, but not which object is left / above: the swap of a relation is invisib
 On 128 images of the SD3 toy model (test-split prompts) it separates the verifier's
 strict-correct images from the rest with AUC 0.79.
 
+Why, and the fix (the current defaults, not yet the shipped weights). In the shipped model
+both towers collapse a relation flip: "a triangle above a square" / "a triangle below a square"
+/ "a square above a triangle" have text cosines 0.994-0.998, and a position scene and its
+mirror image have image cosine 0.98 on average. InfoNCE does not break this symmetry on its
+own: while the image cannot tell a flip apart, the loss is lowest with flipped captions equal.
+Two throw-away linear probes on the unit-norm image embedding (discarded after training; the
+saved model is a plain CLIPModel and CLIPScore is unchanged) make the image side read layout,
+and InfoNCE then pulls the text side along:
+
+- relation probe (``relation_weight``, default 3): for each pair of distinct shapes shown once
+  each, the sign of their x and y offset (``scene_relation_targets``, logistic
+  ``relation_probe_loss``);
+- layout probe (``layout_weight``, default 1): each shape's centroid (``scene_layout_targets``,
+  ``layout_probe_loss``).
+
+Measured (``preference_accuracy``, seeds 1 and 2, 200 scenes per kind; 1,500 steps of 64,
+8.8 CPU-min on 1 thread, otherwise the shipped run's settings and seed):
+
+    kind        held-out: shipped -> probes     trained captions, new scenes: shipped -> probes
+    colour      0.97-0.99 -> 0.93-0.97          1.00 -> 0.985
+    shape       1.00 -> 0.99-1.00               1.00 -> 1.00
+    binding     0.69-0.72 -> 0.83-0.89          0.92 -> 0.93-0.96
+    count       0.82-0.88 -> 0.81               0.92-0.93 -> 0.96
+    position    0.49-0.53 -> 0.97-0.99          0.48-0.54 -> 0.955-0.98
+
+The held-out text "a triangle above a square" now has cosine 0.965 with its other phrasing "a
+square below a triangle" and 0.41-0.45 with its two flips; a scene and its mirror image 0.23.
+Count stays short of 0.9 on held-out compositions (three triangles, four squares).
+
+What did not work (600-step runs, 60 scenes per kind): either probe alone at weight 1 left
+trained-caption position at chance (0.38-0.57); a per-patch object-class probe on the patch
+tokens (``patch_weight``) cost shape accuracy (0.77 held-out). A third image probe regressing
+each shape's count (full length) lowered held-out count to 0.56-0.65 and position to 0.81.
+Training the relation head on the caption embeddings (``relation_text``, from
+``caption_relation_targets``) reaches
+trained-caption position fast, and in the full-length run lifts held-out count to 0.95-0.97 and
+binding to 0.96-0.97, but held-out position only to 0.71-0.72: every trained caption about a
+square and a triangle one above the other says the square is above (the others are held out),
+so the text probe teaches the text tower that layout for all of them; alone on the position
+captions it gets all four held-out captions exactly backwards.
+
 Why these sizes: the token-embedding table (49,408 x 64) is most of the model, so it stays
 frozen at its random init (only ~40 rows are ever used) and every tensor is stored in fp16
 (7.6 MB); the model is loaded and run in fp32 (its config's dtype).
@@ -80,7 +121,8 @@ from rewards.base import cosine_lr, register_reward
 from rewards.clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder, ClipScoreReward
 
 SHAPES_CLIP_DIR = Path(__file__).parent / "models" / "weights" / "shapes_clip"
-# samplers.models.shapesworld.weights_checksum() of the shipped weights (`align train-shapes-clip`, defaults).
+# weights_checksum() (samplers.models.shapesworld) of the shipped weights: `align train-shapes-clip
+# --relation-weight 0 --layout-weight 0` (the current defaults add two probes, see the docstring).
 SHIPPED_SHA256 = "17d2bdfe300c8b33917fa731fdb89aa07d65d5965e271967820a8f86e5e60530"
 CONTEXT_LENGTH = 32  # ShapesWorld captions with the prefix are at most ~20 tokens
 PREFIX = "A photo depicts "  # ClipScoreReward's default prefix
@@ -451,17 +493,20 @@ def augment(images: Tensor, gen: torch.Generator, blur_prob: float = 0.5, max_si
     return (x + noise).clamp(0, 1).reshape(images.shape)
 
 
-def embed(model, tokenizer, images: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+def embed(model, tokenizer, images: Tensor, texts: Sequence[str], patches: bool = False):
     """Unit-norm embeddings with gradients: images [N, 3, 64, 64] in [0, 1] -> [N, D];
-    texts (each distinct one encoded once) -> [len(texts), D]."""
+    texts (each distinct one encoded once) -> [len(texts), D]. With ``patches``, also the
+    vision tower's last-layer patch tokens [N, 64, vision width] (row-major, no class token)."""
     mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
     image = model.get_image_features(pixel_values=(images - mean) / std)
+    tokens_out = image.last_hidden_state[:, 1:] if patches else None
     unique = list(dict.fromkeys(texts))
     tokens = tokenizer(unique, padding=True, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
     text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     image, text = (getattr(x, "pooler_output", x) for x in (image, text))
     row = {t: i for i, t in enumerate(unique)}
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)[[row[t] for t in texts]]
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)[[row[t] for t in texts]]
+    return (image, text, tokens_out) if patches else (image, text)
 
 
 def contrastive_loss(images: Tensor, texts: Tensor, negatives: Tensor, negative_valid: Tensor, mask: Tensor,
@@ -489,20 +534,133 @@ def contrastive_loss(images: Tensor, texts: Tensor, negatives: Tensor, negative_
     return loss, metrics
 
 
+def shape_pairs() -> list[tuple[str, str]]:
+    """The unordered pairs of distinct shapes, in SHAPES order: the rows of the relation probe."""
+    from eval.shapes.world import SHAPES
+
+    return [(a, b) for i, a in enumerate(SHAPES) for b in SHAPES[i + 1:]]
+
+
+def _signs(relations: set[str] | Sequence[str]) -> tuple[int, int]:
+    """(x, y) signs of a set of GenEval relations of A relative to B: +1 right of / below,
+    -1 left of / above, 0 neither."""
+    x = 1 if "right of" in relations else -1 if "left of" in relations else 0
+    y = 1 if "below" in relations else -1 if "above" in relations else 0
+    return x, y
+
+
+def scene_relation_targets(scenes: Sequence) -> Tensor:
+    """[N, 2 * len(shape_pairs())] in {-1, 0, +1}: for each pair (a, b) of shapes the scene shows
+    exactly once each, the sign of a's offset from b in x and in y by GenEval's relative_position
+    (+1: a right of / below b, -1: left of / above, 0: neither or not one of each: no target)."""
+    from eval.shapes.world import relative_position
+
+    rows = []
+    for scene in scenes:
+        row = []
+        for a, b in shape_pairs():
+            first = [o for o in scene.objects if o.shape == a]
+            second = [o for o in scene.objects if o.shape == b]
+            row += _signs(relative_position(first[0].bbox, second[0].bbox)) if len(first) == len(second) == 1 \
+                else (0, 0)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def caption_relation_targets(metas: Sequence[dict]) -> Tensor:
+    """The same targets as ``scene_relation_targets``, read off the captions: a position caption
+    ("a triangle above a square", or its phrasing "a square below a triangle") sets the sign of
+    its pair on its axis; everything else is 0 (no target)."""
+    from eval.shapes.world import INVERSE_RELATION
+
+    pairs = shape_pairs()
+    rows = torch.zeros(len(metas), 2 * len(pairs))
+    for i, meta in enumerate(metas):
+        if meta["tag"] != "position":
+            continue
+        subject, relation, reference = _fields(meta)
+        if (subject, reference) not in pairs:  # state it as the reference relative to the subject
+            subject, relation, reference = reference, INVERSE_RELATION[relation], subject
+        x, y = _signs({relation})
+        k = pairs.index((subject, reference))
+        rows[i, 2 * k], rows[i, 2 * k + 1] = x, y
+    return rows
+
+
+def relation_probe_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Logistic loss of a relation probe: logits [N, P] against targets [N, P] in {-1, 0, +1},
+    averaged over the non-zero targets (0 with a zero gradient when there are none)."""
+    known = targets != 0
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.softplus(-targets[known] * logits[known]).mean()
+
+
+def scene_layout_targets(scenes: Sequence) -> tuple[Tensor, Tensor]:
+    """Per shape, the centroid of its objects, x and y scaled to [-1, 1] ([N, 2 * len(SHAPES)]),
+    and a mask [N, 2 * len(SHAPES)] that is False where the scene has no such shape."""
+    from eval.shapes.world import SHAPES
+
+    targets = torch.zeros(len(scenes), 2 * len(SHAPES))
+    mask = torch.zeros(len(scenes), 2 * len(SHAPES), dtype=torch.bool)
+    for i, scene in enumerate(scenes):
+        for k, shape in enumerate(SHAPES):
+            objects = [o for o in scene.objects if o.shape == shape]
+            if objects:
+                half = scene.size / 2
+                targets[i, 2 * k] = sum(o.cx for o in objects) / len(objects) / half - 1
+                targets[i, 2 * k + 1] = sum(o.cy for o in objects) / len(objects) / half - 1
+                mask[i, 2 * k:2 * k + 2] = True
+    return targets, mask
+
+
+def patch_labels(scenes: Sequence, grid: int = 8) -> Tensor:
+    """[N * grid * grid] labels of a ``grid x grid`` patch grid, row-major (the vision tower's
+    token order): 0 = background, else 1 + shape index * len(COLORS) + colour index of the object
+    whose bounding box holds the patch centre (boxes never overlap)."""
+    from eval.shapes.world import COLORS, SHAPES
+
+    labels = torch.zeros(len(scenes), grid, grid, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * scene.size / grid
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.bbox
+            inside_x, inside_y = (centres >= x0) & (centres < x1), (centres >= y0) & (centres < y1)
+            label = 1 + SHAPES.index(o.shape) * len(COLORS) + COLORS.index(o.color)
+            labels[i][inside_y[:, None] & inside_x[None, :]] = label
+    return labels.flatten()
+
+
+def layout_probe_loss(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error of a layout probe over the masked-in entries ([N, P] each)."""
+    if not mask.any():
+        return predictions.sum() * 0.0
+    return (predictions[mask] - targets[mask]).pow(2).mean()
+
+
 def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, batch: int = 64, negatives: int = 3,
                       lr: float = 1e-3, weight_decay: float = 0.1, warmup: int = 100, size: str = "shapes_clip",
                       threads: int = 1, strict_holdout: bool = False, focus: bool = True, sincos: bool = True,
-                      temperature: float | None = 0.03, eval_scenes: int = 60,
+                      temperature: float | None = 0.03, relation_weight: float = 3.0, relation_text: bool = False,
+                      layout_weight: float = 1.0, patch_weight: float = 0.0, eval_scenes: int = 60,
                       monitor_every: int = 100, progress: bool = True) -> Path:
     """Trains a ShapesWorld CLIP from scratch and saves it to ``out_dir`` (written to
     ``out_dir.partial`` and swapped in at the end), with train_log.csv (loss, in-batch
     hard-negative accuracy, wall and CPU seconds; every ``monitor_every`` steps also the
     held-out preference accuracy on 20 scenes per kind, for watching only) and
     shapes_clip.json (settings, time, held-out preference accuracy of the saved fp16 weights
-    on ``eval_scenes`` per corruption kind, 0 to skip). Seeded: same arguments, same weights."""
+    on ``eval_scenes`` per corruption kind, 0 to skip). Seeded: same arguments, same weights.
+
+    Throw-away probes (their heads are trained with the model and never saved; the logged
+    ``loss`` is the contrastive one): ``relation_weight`` * the relation probe's loss, a linear
+    head on the image embeddings (with ``relation_text`` the same head also on the caption
+    embeddings, the two losses averaged); ``layout_weight`` * the layout probe's loss on the image embeddings;
+    ``patch_weight`` * the cross-entropy of a per-patch object-class probe (``patch_labels``)
+    on the vision tower's last patch tokens (off by default). See the module docstring."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    from eval.shapes.world import COLORS, SHAPES
     from samplers.models.clip_tokenizer import build_clip_tokenizer
 
     torch.set_num_threads(threads)
@@ -518,6 +676,15 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n], "weight_decay": weight_decay},
               {"params": [p for n, p in trainable if p.ndim < 2 or "embedding" in n], "weight_decay": 0.0}]
+    # throw-away probes on the unit-norm joint embeddings (times sqrt(D): unit-size coordinates)
+    dim = model.config.projection_dim
+    relation_head = torch.nn.Linear(dim, 2 * len(shape_pairs())) if relation_weight else None
+    layout_head = torch.nn.Linear(dim, 2 * len(SHAPES)) if layout_weight else None
+    patch_head = (torch.nn.Linear(model.config.vision_config.hidden_size, 1 + len(SHAPES) * len(COLORS))
+                  if patch_weight else None)
+    heads = [p for head in (relation_head, layout_head, patch_head) if head is not None for p in head.parameters()]
+    if heads:
+        groups.append({"params": heads, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, warmup))
     model.train()
@@ -535,7 +702,8 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
                TimeRemainingColumn())
     with open(work / "train_log.csv", "w", newline="") as log_file, Progress(*columns, disable=not progress) as bar:
         writer = csv.writer(log_file)
-        writer.writerow(["step", "elapsed_s", "cpu_s", "loss", "hard_negative_accuracy", "logit_scale", "lr"]
+        writer.writerow(["step", "elapsed_s", "cpu_s", "loss", "hard_negative_accuracy", "logit_scale", "lr",
+                         "relation_image_loss", "relation_text_loss", "layout_loss", "patch_loss"]
                         + [f"held_out_{kind}" for kind in monitor_kinds])
         task = bar.add_task("shapes clip", total=steps)
         for step in range(steps):
@@ -545,13 +713,31 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
             valid = torch.tensor([[k < len(c) for k in range(negatives)] for c in negative_captions])  # [N, K]
             padded = [c[k] if k < len(c) else captions[i] for i, c in enumerate(negative_captions)
                       for k in range(negatives)]  # N * K texts, placeholders masked out by `valid`
-            image_emb, text_emb = embed(model, tokenizer, images, captions + padded)
+            image_emb, text_emb, patch_tokens = embed(model, tokenizer, images, captions + padded, patches=True)
             text_emb, negative_emb = text_emb[:batch], text_emb[batch:].view(batch, negatives, -1)
             loss, metrics = contrastive_loss(image_emb, text_emb, negative_emb, valid,
                                              positive_mask(scenes, metas, verdicts), model.logit_scale)
+            if relation_head is not None:
+                relation = relation_probe_loss(relation_head(image_emb * math.sqrt(dim)),
+                                               scene_relation_targets(scenes))
+                metrics["relation_image_loss"] = relation.item()
+                if relation_text:
+                    text_relation = relation_probe_loss(relation_head(text_emb * math.sqrt(dim)),
+                                                        caption_relation_targets(metas))
+                    metrics["relation_text_loss"] = text_relation.item()
+                    relation = (relation + text_relation) / 2
+                loss = loss + relation_weight * relation
+            if layout_head is not None:
+                layout = layout_probe_loss(layout_head(image_emb * math.sqrt(dim)), *scene_layout_targets(scenes))
+                loss = loss + layout_weight * layout
+                metrics["layout_loss"] = layout.item()
+            if patch_head is not None:
+                patch = F.cross_entropy(patch_head(patch_tokens).flatten(0, 1), patch_labels(scenes))
+                loss = loss + patch_weight * patch
+                metrics["patch_loss"] = patch.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable] + heads, 1.0)
             optimizer.step()
             scheduler.step()
             if step % 25 == 0 or step == steps - 1:
@@ -561,6 +747,8 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
                 writer.writerow([step, f"{time.time() - start:.1f}", f"{time.process_time() - cpu_start:.1f}",
                                  f"{metrics['loss']:.5g}", f"{metrics['hard_negative_accuracy']:.4f}",
                                  f"{metrics['logit_scale']:.4g}", f"{scheduler.get_last_lr()[0]:.3g}"]
+                                + [f"{metrics[name]:.4g}" if name in metrics else "" for name in
+                                   ("relation_image_loss", "relation_text_loss", "layout_loss", "patch_loss")]
                                 + [held_out[kind]["accuracy"] if held_out else "" for kind in monitor_kinds])
                 log_file.flush()
                 bar.update(task, description=f"shapes clip: loss {metrics['loss']:.3f}, "
@@ -571,7 +759,9 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
     save_shapes_clip(model, work)
     info = {"settings": dict(steps=steps, seed=seed, batch=batch, negatives=negatives, lr=lr,
                              weight_decay=weight_decay, warmup=warmup, size=size, threads=threads,
-                             strict_holdout=strict_holdout, focus=focus, sincos=sincos, temperature=temperature),
+                             strict_holdout=strict_holdout, focus=focus, sincos=sincos, temperature=temperature,
+                             relation_weight=relation_weight, relation_text=relation_text,
+                             layout_weight=layout_weight, patch_weight=patch_weight),
             "train_minutes": round(minutes, 2), "train_cpu_minutes": round(cpu_minutes, 2)}
     if eval_scenes:  # the weights as saved (fp16), on held-out scenes
         reward = ClipScoreReward(ClipEncoder(load_shapes_clip(work), tokenizer))
@@ -635,7 +825,8 @@ def preference_accuracy(reward, per_kind: int = 60, seed: int = 1, kinds: Sequen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`align train-shapes-clip` options; the defaults are the shipped run's."""
+    """`align train-shapes-clip` options; the defaults are the shipped run's except the two probes
+    (``--relation-weight 0 --layout-weight 0`` reproduce the shipped weights)."""
     parser.add_argument("--out", type=Path, default=SHAPES_CLIP_DIR,
                         help="output folder (default: the package's shipped weights folder)")
     parser.add_argument("--steps", type=int, default=1500)
@@ -646,6 +837,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strict-holdout", action="store_true",
                         help="keep held-out compositions out of the images too, not only out of the text")
+    parser.add_argument("--relation-weight", type=float, default=3.0,
+                        help="weight of the relation probe on the image embeddings (0: off)")
+    parser.add_argument("--relation-text", action="store_true",
+                        help="train the relation probe on the caption embeddings too (hurts held-out position)")
+    parser.add_argument("--layout-weight", type=float, default=1.0,
+                        help="weight of the layout (per-shape centroid) probe on the image embedding (0: off)")
+    parser.add_argument("--patch-weight", type=float, default=0.0,
+                        help="weight of the per-patch object-class probe on the vision tower's patch tokens (0: off)")
     parser.add_argument("--eval-scenes", type=int, default=60, help="held-out scenes per corruption kind (0: skip)")
 
 
@@ -654,7 +853,9 @@ def main(args: argparse.Namespace) -> None:
 
     out = train_shapes_clip(args.out, steps=args.steps, seed=args.seed, batch=args.batch, negatives=args.negatives,
                             lr=args.lr, threads=args.threads, strict_holdout=args.strict_holdout,
-                            eval_scenes=args.eval_scenes)
+                            relation_weight=args.relation_weight, relation_text=args.relation_text,
+                            layout_weight=args.layout_weight,
+                            patch_weight=args.patch_weight, eval_scenes=args.eval_scenes)
     info = json.loads((out / "shapes_clip.json").read_text())
     print(f"saved {out}: {info['train_minutes']:.1f} min ({info['train_cpu_minutes']:.1f} CPU min), "
           f"sha256 {weights_checksum(out)}")

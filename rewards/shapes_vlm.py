@@ -364,7 +364,7 @@ def noise_context(input_ids: torch.Tensor, labels: torch.Tensor, groups: list[to
 def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DEFAULT_STEPS, seed: int = 0, *,
                            size: str = "shapes_vlm", batch: int = 32, lr: float = DEFAULT_LR, warmup: int = 100,
                            margin: float = DEFAULT_MARGIN, margin_weight: float = DEFAULT_MARGIN_WEIGHT,
-                           context_noise: float = DEFAULT_CONTEXT_NOISE,
+                           margin_start: int = 0, context_noise: float = DEFAULT_CONTEXT_NOISE,
                            probe_weight: float = DEFAULT_PROBE_WEIGHT, where_weight: float = DEFAULT_WHERE_WEIGHT,
                            protect_subject: bool = True, slot_noise: float = DEFAULT_SLOT_NOISE,
                            tag_weights: dict | None = None,
@@ -378,7 +378,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     (one forward pass over both). Loss = caption CE (mean over the true captions' tokens and
     end-of-turn tokens) + ``margin_weight`` * mean hinge max(0, ``margin`` - (s_true - s_wrong)),
     where s = mean caption-token log-probability, exactly PromptEcho's score: the captioner is
-    taught to rank the true caption first, by the number PromptEcho reads. With
+    taught to rank the true caption first, by the number PromptEcho reads; the hinge is off
+    before step ``margin_start`` (it slows relations if on from the start). With
     ``context_noise`` > 0, caption words in the INPUT of the true captions are swapped
     (:func:`noise_context`). AdamW (weight decay 0.01, betas 0.9 / 0.98), gradient clipping at 1,
     linear warm-up then cosine decay to 5%. ``probe_weight`` > 0 adds the CE of a throw-away
@@ -453,7 +454,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
                           if probe_weight else torch.zeros(()))
             where_loss = (functional.cross_entropy(where(image_tokens), torch.arange(cells * cells).repeat(batch))
                           if where_weight else torch.zeros(()))
-            loss = caption_loss + margin_weight * margin_loss + probe_weight * probe_loss + where_weight * where_loss
+            hinge_weight = margin_weight if step >= margin_start else 0.0
+            loss = caption_loss + hinge_weight * margin_loss + probe_weight * probe_loss + where_weight * where_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -498,6 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--margin-weight", type=float, default=DEFAULT_MARGIN_WEIGHT,
                         help="weight of the true-vs-corrupted caption hinge loss (0: captions only)")
+    parser.add_argument("--margin-start", type=int, default=0,
+                        help="step at which the hinge loss is switched on (0: from the start)")
     parser.add_argument("--context-noise", type=float, default=DEFAULT_CONTEXT_NOISE,
                         help="probability of swapping each caption word in the input for another of its kind")
     parser.add_argument("--probe-weight", type=float, default=DEFAULT_PROBE_WEIGHT,
@@ -533,7 +537,8 @@ def main(args: argparse.Namespace) -> None:
     from samplers.models.shapesworld import weights_checksum
 
     out = train_shapes_captioner(args.out, steps=args.steps, seed=args.seed, lr=args.lr,
-                                 margin_weight=args.margin_weight, context_noise=args.context_noise,
+                                 margin_weight=args.margin_weight, margin_start=args.margin_start,
+                                 context_noise=args.context_noise,
                                  probe_weight=args.probe_weight, where_weight=args.where_weight,
                                  protect_subject=args.protect_subject, slot_noise=args.slot_noise,
                                  tag_weights=parse_tag_weights(args.tag_weight),

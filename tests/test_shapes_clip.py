@@ -13,15 +13,22 @@ from rewards.shapes_clip import (
     SHAPES_CLIP_DIR,
     SHIPPED_SHA256,
     build_shapes_clip,
+    caption_relation_targets,
     contrastive_loss,
     corruptions,
     images_tensor,
+    layout_probe_loss,
     load_shapes_clip,
+    patch_labels,
     phrasings,
     positive_mask,
     preference_accuracy,
+    relation_probe_loss,
     sample_train_batch,
+    scene_layout_targets,
+    scene_relation_targets,
     scene_satisfies,
+    shape_pairs,
     shows_held_out,
     train_shapes_clip,
 )
@@ -142,6 +149,50 @@ def test_contrastive_loss_prefers_matching_pairs():
     same, _ = contrastive_loss(texts, texts, torch.stack([negatives[:, 0], texts], 1), invalid, mask, scale)
     alone, _ = contrastive_loss(texts, texts, negatives[:, :1], valid[:, :1], mask, scale)
     torch.testing.assert_close(same, alone)
+
+
+def test_probe_targets_on_a_hand_built_scene():
+    from eval.shapes.world import ObjectSpec, Scene, position_prompt
+
+    # a red triangle above a blue square, a red circle left of (and above) the square
+    scene = Scene([ObjectSpec("triangle", "red", 32, 12, 20), ObjectSpec("square", "blue", 32, 48, 20),
+                   ObjectSpec("circle", "red", 10, 30, 16)])
+    assert shape_pairs() == [("circle", "square"), ("circle", "triangle"), ("square", "triangle")]
+    # (x, y) sign of the first shape's offset from the second: circle left of / above the square,
+    # left of / below the triangle; square below the triangle (same x: no x target)
+    assert scene_relation_targets([scene]).tolist() == [[-1, -1, -1, 1, 0, 1]]
+    both = caption_relation_targets([position_prompt("triangle", "above", "square"),
+                                     position_prompt("square", "below", "triangle"),
+                                     position_prompt("circle", "left of", "square"),
+                                     {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}])
+    assert both.tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1], [-1, 0, 0, 0, 0, 0], [0] * 6]
+    known = both[:3] != 0  # every caption that is true of the scene agrees with its targets
+    assert (both[:3][known] == scene_relation_targets([scene]).expand(3, -1)[known]).all()
+    targets, mask = scene_layout_targets([scene])  # centroids in [-1, 1], per shape (circle, square, triangle)
+    torch.testing.assert_close(targets, torch.tensor([[10 / 32 - 1, 30 / 32 - 1, 0.0, 0.5, 0.0, 12 / 32 - 1]]))
+    assert mask.all() and not scene_layout_targets([Scene([ObjectSpec("circle", "red", 20, 20, 20)])])[1][0, 2:].any()
+    grid = patch_labels([scene]).view(8, 8)  # 8 px patches: label 1 + shape * 6 + colour where a box covers the centre
+    assert grid[0, 3] == grid[2, 4] == 1 + 2 * 6 + 0 and grid[5, 3] == 1 + 1 * 6 + 4 and grid[3, 0] == 1
+    assert grid[0, 0] == 0 and (grid > 0).sum() == 6 + 4 + 4
+
+
+def test_probe_losses_are_finite_and_have_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    targets = torch.tensor([[1, -1, 0, 0, 0, 0], [0] * 6, [0, 0, 1, 1, -1, 1], [0] * 6], dtype=torch.float32)
+    loss = relation_probe_loss(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert (logits.grad[targets != 0] != 0).all() and (logits.grad[targets == 0] == 0).all()
+    assert relation_probe_loss(10 * targets, targets) < 1e-3 < relation_probe_loss(-10 * targets, targets)
+    empty = torch.randn(2, 6, requires_grad=True)
+    zero = relation_probe_loss(empty, torch.zeros(2, 6))
+    zero.backward()
+    assert zero == 0 and (empty.grad == 0).all()
+    predictions = torch.zeros(2, 6, requires_grad=True)
+    mse = layout_probe_loss(predictions, torch.ones(2, 6), torch.tensor([[True] * 6, [False] * 6]))
+    mse.backward()
+    assert mse == 1.0 and (predictions.grad[1] == 0).all() and (predictions.grad[0] != 0).all()
 
 
 def test_three_step_training_run(tmp_path):
