@@ -53,6 +53,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -105,6 +106,7 @@ DEFAULT_CONTEXT_NOISE = 0.5
 DEFAULT_SLOT_NOISE = 1.0
 DEFAULT_WHERE_WEIGHT = 1.0
 DEFAULT_PROBE_WEIGHT = 1.0
+DEFAULT_RANKING_MARGIN = 1.0
 CORRUPTIONS = ("colour", "count", "position", "shape")
 # Training mix over GenEval tags: relations and counts are the slowest to learn, so they come more often.
 TAG_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 2.0, "colors": 1.0, "position": 4.0,
@@ -300,6 +302,64 @@ def object_map_labels(scenes: Sequence, cells: int) -> torch.Tensor:
     return labels.flatten()
 
 
+def base_model_pool(split: str = "train", per_prompt: int = 8, seed: int = 100_000, num_steps: int = 10,
+                    cache: str | Path | None = None) -> dict:
+    """Samples of the shipped ShapesWorld base model scored by the verifier: the data of the
+    ranking loss (``train_shapes_captioner(ranking_weight=...)``).
+
+    ``per_prompt`` samples (noise seeds ``seed``, ``seed`` + 1, ...) of every prompt of ``split``
+    (10 Euler steps, the checkpoint's CFG). Returns ``images`` uint8 [N, 3, H, W], ``texts``,
+    ``group`` [N] (the prompt's index) and ``partial`` [N] (the verifier's partial credit,
+    "shapes_geneval"). With ``cache``, the pool is read from that file if it holds the same
+    settings, else built and written there atomically.
+    """
+    settings = {"split": split, "per_prompt": per_prompt, "seed": seed, "num_steps": num_steps}
+    if cache is not None and Path(cache).is_file():
+        pool = torch.load(cache, weights_only=False)
+        if pool.get("settings") == settings:
+            return pool
+    from rewards import build_reward
+    from samplers.generate import generate
+    from samplers.models import load_model
+
+    metas = [m for m in prompts(split) for _ in range(per_prompt)]
+    texts = [m["prompt"] for m in metas]
+    seeds = [seed + i % per_prompt for i in range(len(metas))]
+    with torch.inference_mode():
+        images = generate(load_model("shapesworld"), texts, seeds, num_steps=num_steps)
+        partial = build_reward("shapes_geneval")(images, texts, metadata=metas).scores.float()
+    pool = {"settings": settings, "images": (images * 255).round().to(torch.uint8), "texts": texts,
+            "group": torch.arange(len(metas)) // per_prompt, "partial": partial}
+    if cache is not None:
+        tmp = Path(str(cache) + ".partial")
+        torch.save(pool, tmp)
+        tmp.replace(cache)
+    return pool
+
+
+def ranking_pairs(partial: torch.Tensor, group: torch.Tensor, n: int, rng: np.random.Generator,
+                  within: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` (better, worse) index pairs of pool samples with different partial credit: with
+    probability ``within`` both from one prompt's group (ranking seeds of a prompt), otherwise
+    from any two prompts (ranking across prompts, what a pooled Spearman also measures).
+    Raises ValueError when no pair of the pool differs in credit."""
+    partial, group = partial.numpy(), group.numpy()
+    if np.ptp(partial) == 0:
+        raise ValueError("every pool sample has the same partial credit: nothing to rank")
+    members = {g: np.flatnonzero(group == g) for g in np.unique(group)}
+    spread = [g for g, idx in members.items() if np.ptp(partial[idx]) > 0]
+    better, worse = [], []
+    while len(better) < n:
+        if spread and rng.random() < within:
+            i, j = rng.choice(members[spread[int(rng.integers(len(spread)))]], 2, replace=False)
+        else:
+            i, j = rng.integers(len(partial), size=2)
+        if partial[i] != partial[j]:
+            better.append(i if partial[i] > partial[j] else j)
+            worse.append(j if partial[i] > partial[j] else i)
+    return np.array(better), np.array(worse)
+
+
 def caption_inputs(processor, images: list, captions: list[str]) -> dict:
     """Model inputs for user(image, "Describe this image in detail.") -> assistant(caption), one
     row per (image, caption), right-padded, plus
@@ -367,7 +427,10 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
                            margin_start: int = 0, context_noise: float = DEFAULT_CONTEXT_NOISE,
                            probe_weight: float = DEFAULT_PROBE_WEIGHT, where_weight: float = DEFAULT_WHERE_WEIGHT,
                            protect_subject: bool = True, slot_noise: float = DEFAULT_SLOT_NOISE,
-                           tag_weights: dict | None = None,
+                           tag_weights: dict | None = None, init: str | Path | None = None,
+                           ranking_weight: float = 0.0, ranking_batch: int = 16,
+                           ranking_margin: float = DEFAULT_RANKING_MARGIN, pool: dict | None = None,
+                           pool_cache: str | Path | None = None,
                            augment: float = 0.5, threads: int = 1,
                            log_every: int = 50, snapshot_every: int = 0, snapshot_dir: str | Path | None = None,
                            progress: bool = True) -> Path:
@@ -394,12 +457,23 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     image, not guessed from the text. ``tag_weights`` updates TAG_WEIGHTS, how often each GenEval
     tag is drawn.
 
+    ``init`` starts from a saved captioner instead of a fresh one (a fine-tuning stage).
+    ``ranking_weight`` > 0 adds a ranking hinge on samples of the BASE MODEL for train-split
+    prompts (``pool``, default :func:`base_model_pool` cached in ``pool_cache``): each step, ``ranking_batch``
+    (better, worse) pairs by the verifier's partial credit (:func:`ranking_pairs`), loss
+    max(0, ``ranking_margin`` * (partial_better - partial_worse) - (s_better - s_worse)) with s
+    each sample's PromptEcho score for its own prompt. This makes the captioner a reward model
+    trained on verifier-labelled generations (as PickScore / HPS are trained on human-labelled
+    ones): it learns what the base model's failures look like, which clean renders never show.
+
     Seeded; everything is written to ``<out_dir>.partial`` and swapped in at the end, so a killed
     run never leaves a half-written model where a good one was. ``train_log.csv`` (wall and
     process CPU seconds, losses, how often s_true > s_wrong in the batch) is saved beside the
     weights. ``snapshot_every`` > 0 also saves the model every that many steps under
     ``snapshot_dir`` (default ``<out_dir>.snapshots``). Returns ``out_dir``.
     """
+    from PIL import Image
+
     from align.checkpoint import replace_dir  # the training tool sits above the reward layer
 
     torch.set_num_threads(threads)
@@ -411,6 +485,14 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     model, processor = shapes_vlm_components(size, seed=seed)
+    if init is not None:
+        from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(init)
+        processor = Qwen2VLProcessor.from_pretrained(init)
+    if ranking_weight and pool is None:
+        pool = base_model_pool(cache=pool_cache)
+    pool = pool if ranking_weight else None
     model.train()
     cells = SIZES[size]["image"] // SIZES[size]["patch"] // 2  # merged image tokens per side
     probe = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(SHAPES) * len(COLORS))
@@ -425,7 +507,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     functional = torch.nn.functional
 
     start, cpu_start, recent = time.time(), time.process_time(), []
-    columns = ["loss", "caption_loss", "margin_loss", "prefers_true", "probe_loss", "where_loss"]
+    columns = ["loss", "caption_loss", "margin_loss", "prefers_true", "probe_loss", "where_loss", "ranking_loss",
+               "ranks_better"]
     with (open(work / "train_log.csv", "w", newline="") as log_file,
           progress_bar(steps, "train-shapes-vlm", progress) as advance):
         writer = csv.writer(log_file)
@@ -433,8 +516,10 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
         for step in range(steps):
             images, texts, wrong, scenes = sample_examples(batch, rng, augment, tag_weights)
             paired = [i for i, w in enumerate(wrong) if w is not None]
-            inputs = caption_inputs(processor, images + [images[i] for i in paired],
-                                    texts + [wrong[i] for i in paired])
+            ranked = np.concatenate(ranking_pairs(pool["partial"], pool["group"], ranking_batch, rng)) if pool else []
+            inputs = caption_inputs(processor, images + [images[i] for i in paired] +
+                                    [Image.fromarray(pool["images"][i].permute(1, 2, 0).numpy()) for i in ranked],
+                                    texts + [wrong[i] for i in paired] + [pool["texts"][i] for i in ranked])
             labels, caption_mask = inputs.pop("labels"), inputs.pop("caption_mask")  # [R, L]
             if any(probabilities):  # only the true captions' context (a corrupted caption is its own input)
                 noisy = noise_context(inputs["input_ids"][:batch], labels[:batch], groups, probabilities, generator,
@@ -447,15 +532,24 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
             caption_loss = -token_lp[:batch].sum() / (targets[:batch] != -100).sum()
             scored = caption_mask[:, 1:].float()
             mean_lp = (token_lp * scored).sum(1) / scored.sum(1)  # [R]: PromptEcho's score
-            gap = mean_lp[paired] - mean_lp[batch:]  # [P]
+            gap = mean_lp[paired] - mean_lp[batch:batch + len(paired)]  # [P]
             margin_loss = functional.relu(margin - gap).mean() if paired else torch.zeros(())
+            if pool:
+                better, worse = np.split(ranked, 2)
+                credit = pool["partial"][better] - pool["partial"][worse]  # > 0
+                rank_gap = mean_lp[batch + len(paired):].view(2, -1)
+                rank_gap = rank_gap[0] - rank_gap[1]
+                ranking_loss = functional.relu(ranking_margin * credit - rank_gap).mean()
+            else:
+                ranking_loss = torch.zeros(())
             image_tokens = merged.pop()[:batch * cells * cells]  # [batch * cells^2, width]: the true rows' images
             probe_loss = (functional.cross_entropy(probe(image_tokens), object_map_labels(scenes, cells))
                           if probe_weight else torch.zeros(()))
             where_loss = (functional.cross_entropy(where(image_tokens), torch.arange(cells * cells).repeat(batch))
                           if where_weight else torch.zeros(()))
             hinge_weight = margin_weight if step >= margin_start else 0.0
-            loss = caption_loss + hinge_weight * margin_loss + probe_weight * probe_loss + where_weight * where_loss
+            loss = (caption_loss + hinge_weight * margin_loss + probe_weight * probe_loss + where_weight * where_loss
+                    + ranking_weight * ranking_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -463,13 +557,16 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
             schedule.step()
             recent.append((loss.item(), caption_loss.item(), margin_loss.item(),
                            (gap > 0).float().mean().item() if paired else math.nan, probe_loss.item(),
-                           where_loss.item()))
+                           where_loss.item(), ranking_loss.item(),
+                           (rank_gap > 0).float().mean().item() if pool else math.nan))
             advance(1)
             if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
                 _save(model, processor, snapshots / f"step{step + 1:06d}")
                 model.train()
             if (step + 1) % log_every == 0 or step == steps - 1:
-                means = np.nanmean(np.array(recent), axis=0)
+                with warnings.catch_warnings():  # an all-NaN column (no pairs of that kind) stays NaN quietly
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    means = np.nanmean(np.array(recent), axis=0)
                 recent.clear()
                 elapsed = time.time() - start
                 writer.writerow([step + 1, f"{elapsed:.1f}", f"{time.process_time() - cpu_start:.1f}",
@@ -500,6 +597,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--margin-weight", type=float, default=DEFAULT_MARGIN_WEIGHT,
                         help="weight of the true-vs-corrupted caption hinge loss (0: captions only)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this saved captioner (a fine-tuning stage) instead of a fresh model")
+    parser.add_argument("--ranking-weight", type=float, default=0.0,
+                        help="weight of the hinge ranking base-model samples of train prompts by the verifier's "
+                             "partial credit (0: off; the pool is generated once, ~1-2 CPU-min)")
+    parser.add_argument("--ranking-batch", type=int, default=16, help="(better, worse) pool pairs per step")
+    parser.add_argument("--ranking-margin", type=float, default=DEFAULT_RANKING_MARGIN,
+                        help="hinge margin per unit of partial-credit difference (nats per caption token)")
+    parser.add_argument("--pool-cache", type=Path, default=None,
+                        help="file caching the base-model sample pool of --ranking-weight")
     parser.add_argument("--margin-start", type=int, default=0,
                         help="step at which the hinge loss is switched on (0: from the start)")
     parser.add_argument("--context-noise", type=float, default=DEFAULT_CONTEXT_NOISE,
@@ -541,7 +648,9 @@ def main(args: argparse.Namespace) -> None:
                                  context_noise=args.context_noise,
                                  probe_weight=args.probe_weight, where_weight=args.where_weight,
                                  protect_subject=args.protect_subject, slot_noise=args.slot_noise,
-                                 tag_weights=parse_tag_weights(args.tag_weight),
+                                 tag_weights=parse_tag_weights(args.tag_weight), init=args.init,
+                                 ranking_weight=args.ranking_weight, ranking_batch=args.ranking_batch,
+                                 ranking_margin=args.ranking_margin, pool_cache=args.pool_cache,
                                  threads=args.threads, snapshot_every=args.snapshot_every)
     print(f"saved {out} (sha256 {weights_checksum(out)})")
 

@@ -26,6 +26,7 @@ from rewards.shapes_vlm import (
     load_shapes_vlm,
     noise_context,
     object_map_labels,
+    ranking_pairs,
     sample_examples,
     shapes_vlm_components,
     train_shapes_captioner,
@@ -183,3 +184,43 @@ def test_training_smoke_run(tmp_path):
                                         for m in prompts("train")[:2]])).permute(0, 3, 1, 2) / 255
     scores = ShapesPromptEcho(path=out)(images, [m["prompt"] for m in prompts("train")[:2]]).scores
     assert bool(torch.isfinite(scores).all() and (scores < 0).all())
+
+
+def test_ranking_pairs_put_the_higher_credit_first():
+    partial = torch.tensor([0.0, 0.5, 1.0, 0.5, 0.5, 0.5, 0.0, 1.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])  # prompt 1's samples all score the same
+    rng = np.random.default_rng(0)
+    better, worse = ranking_pairs(partial, group, 400, rng, within=1.0)
+    assert bool((partial[better] > partial[worse]).all())
+    assert bool((group[better] == group[worse]).all()) and not bool(torch.isin(torch.from_numpy(better),
+                                                                             torch.tensor([3, 4, 5])).any())
+    better, worse = ranking_pairs(partial, group, 400, rng, within=0.0)
+    assert bool((partial[better] > partial[worse]).all()) and bool((group[better] != group[worse]).any())
+    with pytest.raises(ValueError, match="same partial credit"):
+        ranking_pairs(torch.full((4,), 0.5), torch.tensor([0, 0, 1, 1]), 1, rng)
+
+
+def test_ranking_stage_fine_tunes_a_saved_captioner_and_the_late_hinge(tmp_path):
+    """--init + --ranking-weight on a pool of (true render, render missing an object) pairs scored by
+    the verifier; --margin-start beyond the run keeps the hinge out of the loss."""
+    import csv
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_shapes_captioner(first, steps=2, seed=0, size="test", batch=4, log_every=1, progress=False)
+    metas = [m for m in prompts("train") if m["tag"] == "two_object"][:3]
+    scenes = [scene_for_prompt(m, i, avoid_color_shape=HELD_OUT_COLOR_SHAPE) for i, m in enumerate(metas)]
+    broken = [Scene(objects=s.objects[:1]) for s in scenes]
+    images = torch.from_numpy(np.stack([render(s) for s in scenes + broken])).permute(0, 3, 1, 2).contiguous()
+    texts = [m["prompt"] for m in metas] * 2
+    partial = torch.tensor([evaluate(render(s), m)["partial"] for s, m in zip(scenes + broken, metas * 2)])
+    assert bool((partial[:3] > partial[3:]).all())
+    pool = {"images": images, "texts": texts, "group": torch.arange(6) % 3, "partial": partial}
+    train_shapes_captioner(second, steps=2, seed=0, size="test", batch=4, init=first, ranking_weight=1.0,
+                           ranking_batch=3, pool=pool, margin_start=10, log_every=1, progress=False)
+    rows = list(csv.DictReader(open(second / "train_log.csv")))
+    assert all(math.isfinite(float(r["ranking_loss"])) and 0 <= float(r["ranks_better"]) <= 1 for r in rows)
+    for r in rows:  # margin_start=10 > steps: loss = caption + probe + where + ranking, no hinge
+        parts = sum(float(r[c]) for c in ("caption_loss", "probe_loss", "where_loss", "ranking_loss"))
+        assert float(r["loss"]) == pytest.approx(parts, rel=1e-4)
+    first_model = load_shapes_vlm(first).model.state_dict()
+    assert any(not torch.equal(p, first_model[n]) for n, p in load_shapes_vlm(second).model.state_dict().items())
