@@ -7,7 +7,8 @@
    or shape changed; ``rewards.shapes_vlm.held_out_pairs``), per corruption kind.
 2. Agreement with ground truth on generated images: Spearman correlation between
    shapes_prompt_echo and the verifier's partial credit ("shapes_geneval") on samples of the
-   ShapesWorld base model for TEST-split prompts (10 Euler steps, default CFG), pooled and per tag.
+   ShapesWorld base model for TEST-split prompts (10 Euler steps, default CFG), pooled, per tag,
+   and within prompts (scores and credit centred on each prompt's mean: does it rank seeds?).
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def base_model_report(path=None, samples: int = 192, seed: int = 0, num_steps: i
         sel = np.array([m["tag"] == tag for m in chosen])
         if sel.sum() > 2 and np.ptp(partial[sel]) > 0:
             by_tag[tag] = {"n": int(sel.sum()), "echo": spearman(echo[sel], partial[sel])}
-    return {"n": samples, "spearman_echo": spearman(echo, partial),
+    group = np.array([texts.index(t) for t in texts])  # one group per prompt
+    means = {key: {g: values[group == g].mean() for g in set(group)} for key, values in (("e", echo), ("p", partial))}
+    within = spearman(echo - np.array([means["e"][g] for g in group]),
+                      partial - np.array([means["p"][g] for g in group]))
+    return {"n": samples, "spearman_echo": spearman(echo, partial), "spearman_within": within,
             "mean_partial": float(partial.mean()), "by_tag": by_tag,
             "seconds_sampling": sampled, "seconds_scoring": scored}
 
@@ -120,7 +125,8 @@ def main(argv=None) -> None:
         return
     base = base_model_report(args.path, args.samples)
     print(f"\nbase-model samples ({base['n']} test-split prompt/seed pairs, mean partial {base['mean_partial']:.3f}):")
-    print(f"Spearman(shapes_prompt_echo, verifier partial) = {base['spearman_echo']:.3f}")
+    print(f"Spearman(shapes_prompt_echo, verifier partial) = {base['spearman_echo']:.3f}; "
+          f"within prompts (both centred on the prompt's mean) {base['spearman_within']:.3f}")
     for tag, row in base["by_tag"].items():
         print(f"  {tag:14s} n={row['n']:3d} echo {row['echo']:+.3f}")
     print(f"(sampling {base['seconds_sampling']:.1f} s, scoring {base['seconds_scoring']:.1f} s)")
