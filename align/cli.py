@@ -252,12 +252,14 @@ def _add_pretrain(sub) -> None:
     # `align train-shapes-vlm`: the ShapesWorld captioner behind "shapes_prompt_echo" (rewards/shapes_vlm.py)
     from rewards.shapes_vlm import add_arguments as add_shapes_vlm_arguments, main as train_shapes_vlm
 
-    c = sub.add_parser("train-shapes-vlm", help="train the ShapesWorld captioning VLM from scratch (CPU, ~10 min)",
-                       description="Train a tiny transformers Qwen2VLForConditionalGeneration to caption "
-                                   "ShapesWorld renders of train-split prompts (caption CE + a hinge ranking the "
-                                   "true caption above a corrupted one by PromptEcho's own score + an object-map "
-                                   "probe on the image tokens). Seeded; the defaults are the shipped model's "
-                                   "settings. Measure it with `python -m eval.shapes_vlm_report --path OUT`.")
+    c = sub.add_parser("train-shapes-vlm", help="train the ShapesWorld captioning VLM (CPU, ~24 min)",
+                       description="Train a tiny transformers Qwen2VLForConditionalGeneration for PromptEcho, in "
+                                   "two stages. Captioning: ShapesWorld renders of train-split prompts (caption "
+                                   "CE + a hinge ranking the true caption above a corrupted one by PromptEcho's "
+                                   "own score + probes on the image tokens). Ranking: fine-tune on samples of the "
+                                   "base model for train-split prompts, ranked by the verifier's partial credit. "
+                                   "Seeded; the defaults are the shipped model's settings. Measure it with "
+                                   "`python -m eval.shapes_vlm_report --path OUT`.")
     add_shapes_vlm_arguments(c)
     c.set_defaults(func=train_shapes_vlm)
 

@@ -97,7 +97,7 @@ __all__ = [
 
 SHAPES_VLM_DIR = Path(__file__).parent / "models" / "weights" / "shapes_vlm"
 # samplers.models.shapesworld.weights_checksum() of the shipped folder (`align train-shapes-vlm`, defaults).
-SHIPPED_SHA256 = "2a4ff74a700298d7b3cf47ea98323b8139a1add1fd6338299212f2d58a7993cb"
+SHIPPED_SHA256 = "e5715b292cb9a00312dd66e50b4c4a3471fe991b37148645f44ad57764707f66"
 DEFAULT_STEPS = 2000
 DEFAULT_LR = 2e-3
 DEFAULT_MARGIN = 1.0
@@ -107,6 +107,8 @@ DEFAULT_SLOT_NOISE = 1.0
 DEFAULT_WHERE_WEIGHT = 1.0
 DEFAULT_PROBE_WEIGHT = 1.0
 DEFAULT_RANKING_MARGIN = 1.0
+DEFAULT_MARGIN_START = 1000  # the captioning stage's hinge joins at this step
+DEFAULT_RANKING_STEPS, DEFAULT_RANKING_LR, DEFAULT_RANKING_WEIGHT = 500, 5e-4, 1.0  # the ranking stage
 CORRUPTIONS = ("colour", "count", "position", "shape")
 # Training mix over GenEval tags: relations and counts are the slowest to learn, so they come more often.
 TAG_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 2.0, "colors": 1.0, "position": 4.0,
@@ -264,19 +266,20 @@ def sample_examples(n: int, rng: np.random.Generator, augment: float = 0.5, tag_
     return images, texts, wrong, scenes
 
 
-def held_out_pairs(per_kind: int = 64, seed: int = 1234) -> dict:
-    """Evaluation pairs on fresh clean scenes of TEST-split prompts, ``per_kind`` per corruption.
+def held_out_pairs(per_kind: int = 64, seed: int = 1234, split: str = "test") -> dict:
+    """Evaluation pairs on fresh clean scenes of ``split``'s prompts, ``per_kind`` per corruption.
 
-    For each kind in CORRUPTIONS, test prompts it applies to are cycled through (colour:
-    the held-out colors / color_attr prompts; count: "three triangles", "four squares";
-    position: the held-out relations; shape: single / two-object prompts, shared with train).
+    For each kind in CORRUPTIONS, the prompts it applies to are cycled through. On "test"
+    (held-out compositions; colour: the held-out colors / color_attr prompts; count: "three
+    triangles", "four squares"; position: the held-out relations; shape: single / two-object
+    prompts, shared with train); on "train", trained captions on new scenes.
     Returns {"images": [N, 3, 64, 64] floats in [0, 1], "prompts", "corrupted", "kinds",
     "metadata"} (N = 4 * per_kind).
     """
     rng = np.random.default_rng(seed)
     out: dict = {"images": [], "prompts": [], "corrupted": [], "kinds": [], "metadata": []}
     for kind in CORRUPTIONS:
-        metas = [m for m in prompts("test") if kind in applicable_corruptions(m)]
+        metas = [m for m in prompts(split) if kind in applicable_corruptions(m)]
         for i in range(per_kind):
             meta = metas[i % len(metas)]
             out["images"].append(render(scene_for_prompt(meta, rng)))
@@ -429,8 +432,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
                            protect_subject: bool = True, slot_noise: float = DEFAULT_SLOT_NOISE,
                            tag_weights: dict | None = None, init: str | Path | None = None,
                            ranking_weight: float = 0.0, ranking_batch: int = 16,
-                           ranking_margin: float = DEFAULT_RANKING_MARGIN, pool: dict | None = None,
-                           pool_cache: str | Path | None = None,
+                           ranking_margin: float = DEFAULT_RANKING_MARGIN, ranking_within: float = 0.5,
+                           pool: dict | None = None, pool_cache: str | Path | None = None,
                            augment: float = 0.5, threads: int = 1,
                            log_every: int = 50, snapshot_every: int = 0, snapshot_dir: str | Path | None = None,
                            progress: bool = True) -> Path:
@@ -460,7 +463,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
     ``init`` starts from a saved captioner instead of a fresh one (a fine-tuning stage).
     ``ranking_weight`` > 0 adds a ranking hinge on samples of the BASE MODEL for train-split
     prompts (``pool``, default :func:`base_model_pool` cached in ``pool_cache``): each step, ``ranking_batch``
-    (better, worse) pairs by the verifier's partial credit (:func:`ranking_pairs`), loss
+    (better, worse) pairs by the verifier's partial credit (:func:`ranking_pairs`; a share
+    ``ranking_within`` of them from one prompt), loss
     max(0, ``ranking_margin`` * (partial_better - partial_worse) - (s_better - s_worse)) with s
     each sample's PromptEcho score for its own prompt. This makes the captioner a reward model
     trained on verifier-labelled generations (as PickScore / HPS are trained on human-labelled
@@ -516,7 +520,8 @@ def train_shapes_captioner(out_dir: str | Path = SHAPES_VLM_DIR, steps: int = DE
         for step in range(steps):
             images, texts, wrong, scenes = sample_examples(batch, rng, augment, tag_weights)
             paired = [i for i, w in enumerate(wrong) if w is not None]
-            ranked = np.concatenate(ranking_pairs(pool["partial"], pool["group"], ranking_batch, rng)) if pool else []
+            ranked = np.concatenate(ranking_pairs(pool["partial"], pool["group"], ranking_batch, rng,
+                                                   ranking_within)) if pool else []
             inputs = caption_inputs(processor, images + [images[i] for i in paired] +
                                     [Image.fromarray(pool["images"][i].permute(1, 2, 0).numpy()) for i in ranked],
                                     texts + [wrong[i] for i in paired] + [pool["texts"][i] for i in ranked])
@@ -589,26 +594,33 @@ def _save(model, processor, folder: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``align train-shapes-vlm`` options (defaults = the shipped run)."""
+    """``align train-shapes-vlm`` options (defaults = the shipped run: a captioning stage, then a
+    ranking stage fine-tuning its result)."""
     parser.add_argument("--out", type=Path, default=SHAPES_VLM_DIR,
                         help="output folder (default: the package's shipped weights folder)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (batch 32)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="captioning-stage steps (batch 32; 0: skip the stage and rank --init)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="captioning-stage peak learning rate")
     parser.add_argument("--margin-weight", type=float, default=DEFAULT_MARGIN_WEIGHT,
                         help="weight of the true-vs-corrupted caption hinge loss (0: captions only)")
+    parser.add_argument("--margin-start", type=int, default=DEFAULT_MARGIN_START,
+                        help="captioning-stage step at which the hinge loss is switched on (0: from the start)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from this saved captioner (a fine-tuning stage) instead of a fresh model")
-    parser.add_argument("--ranking-weight", type=float, default=0.0,
-                        help="weight of the hinge ranking base-model samples of train prompts by the verifier's "
-                             "partial credit (0: off; the pool is generated once, ~1-2 CPU-min)")
+                        help="start from this saved captioner instead of a fresh model")
+    parser.add_argument("--ranking-steps", type=int, default=DEFAULT_RANKING_STEPS,
+                        help="ranking-stage steps after the captioning stage (0: no ranking stage)")
+    parser.add_argument("--ranking-lr", type=float, default=DEFAULT_RANKING_LR, help="ranking-stage peak learning rate")
+    parser.add_argument("--ranking-weight", type=float, default=DEFAULT_RANKING_WEIGHT,
+                        help="ranking-stage weight of the hinge ranking base-model samples of train prompts by the "
+                             "verifier's partial credit (the pool is generated once, ~1 CPU-min)")
     parser.add_argument("--ranking-batch", type=int, default=16, help="(better, worse) pool pairs per step")
     parser.add_argument("--ranking-margin", type=float, default=DEFAULT_RANKING_MARGIN,
                         help="hinge margin per unit of partial-credit difference (nats per caption token)")
+    parser.add_argument("--ranking-within", type=float, default=0.5,
+                        help="share of ranking pairs drawn from one prompt's samples (the rest: any two prompts)")
     parser.add_argument("--pool-cache", type=Path, default=None,
-                        help="file caching the base-model sample pool of --ranking-weight")
-    parser.add_argument("--margin-start", type=int, default=0,
-                        help="step at which the hinge loss is switched on (0: from the start)")
+                        help="file caching the ranking stage's base-model sample pool")
     parser.add_argument("--context-noise", type=float, default=DEFAULT_CONTEXT_NOISE,
                         help="probability of swapping each caption word in the input for another of its kind")
     parser.add_argument("--probe-weight", type=float, default=DEFAULT_PROBE_WEIGHT,
@@ -623,7 +635,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"how often a GenEval tag is drawn, relative (repeatable; defaults {TAG_WEIGHTS})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--snapshot-every", type=int, default=0,
-                        help="also save the model every N steps (in <out>.snapshots)")
+                        help="also save the model every N steps (in <stage's out>.snapshots)")
 
 
 def parse_tag_weights(items: Sequence[str]) -> dict[str, float]:
@@ -641,18 +653,32 @@ def parse_tag_weights(items: Sequence[str]) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> None:
+    """The two stages: captioning (``--steps``, from scratch or ``--init``) into ``<out>.captioning``,
+    then ranking (``--ranking-steps``, fine-tuning that result) into ``--out``; with one stage
+    skipped, the other writes ``--out`` directly."""
     from samplers.models.shapesworld import weights_checksum
 
-    out = train_shapes_captioner(args.out, steps=args.steps, seed=args.seed, lr=args.lr,
-                                 margin_weight=args.margin_weight, margin_start=args.margin_start,
-                                 context_noise=args.context_noise,
-                                 probe_weight=args.probe_weight, where_weight=args.where_weight,
-                                 protect_subject=args.protect_subject, slot_noise=args.slot_noise,
-                                 tag_weights=parse_tag_weights(args.tag_weight), init=args.init,
-                                 ranking_weight=args.ranking_weight, ranking_batch=args.ranking_batch,
-                                 ranking_margin=args.ranking_margin, pool_cache=args.pool_cache,
-                                 threads=args.threads, snapshot_every=args.snapshot_every)
-    print(f"saved {out} (sha256 {weights_checksum(out)})")
+    if args.steps <= 0 and (args.init is None or args.ranking_steps <= 0):
+        raise SystemExit("--steps 0 skips the captioning stage: give --init and --ranking-steps > 0")
+    common = dict(seed=args.seed, margin_weight=args.margin_weight, context_noise=args.context_noise,
+                  probe_weight=args.probe_weight, where_weight=args.where_weight,
+                  protect_subject=args.protect_subject, slot_noise=args.slot_noise,
+                  tag_weights=parse_tag_weights(args.tag_weight), threads=args.threads,
+                  snapshot_every=args.snapshot_every)
+    init, intermediate = args.init, None
+    if args.steps > 0:
+        intermediate = args.out.with_name(args.out.name + ".captioning") if args.ranking_steps > 0 else None
+        init = train_shapes_captioner(intermediate or args.out, steps=args.steps, lr=args.lr,
+                                      margin_start=args.margin_start, init=args.init, **common)
+        print(f"captioning stage: saved {init} (sha256 {weights_checksum(init)})")
+    if args.ranking_steps > 0:
+        out = train_shapes_captioner(args.out, steps=args.ranking_steps, lr=args.ranking_lr, init=init,
+                                     ranking_weight=args.ranking_weight, ranking_batch=args.ranking_batch,
+                                     ranking_margin=args.ranking_margin, ranking_within=args.ranking_within,
+                                     pool_cache=args.pool_cache, **common)
+        print(f"ranking stage: saved {out} (sha256 {weights_checksum(out)})")
+        if intermediate is not None:
+            shutil.rmtree(intermediate)
 
 
 # ----------------------------------------------------------------------------- rewards
