@@ -121,7 +121,7 @@ def evaluate_split(model, split: str = "test", num: int = 96, seed: int = 1234, 
 
 def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 5000, steps: int = 2200, batch: int = 32,
                        lr: float = 1e-3, warmup: int = 100, caption_dropout: float = 0.1, threads: int = 1,
-                       eval_num: int = 96, timestep_shift: float = 1.0) -> Path:
+                       eval_num: int = 96, timestep_shift: float = 3.0, coord_channels: bool = True) -> Path:
     """Trains the toy video model and saves it to `out` (diffusers WanPipeline layout). Returns `out`."""
     from samplers.models.shapesworld_video import toy_video_components
 
@@ -134,7 +134,7 @@ def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 5000, steps
     work.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = toy_video_components("shapesworld_video", seed=seed)
+    model = toy_video_components("shapesworld_video", seed=seed, coord_channels=coord_channels)
     start = time.time()
     log_file = open(work / "pretrain_log.csv", "w", newline="")
     writer = csv.writer(log_file)
@@ -154,8 +154,7 @@ def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 5000, steps
     train_minutes = (time.time() - start) / 60
     settings = {"pretrain": dict(seed=seed, steps=steps, batch=batch, lr=lr, dataset_size=dataset_size,
                                  train_minutes=round(train_minutes, 1))}
-    if timestep_shift != 1.0:
-        settings["pretrain"]["timestep_shift"] = timestep_shift
+    settings["pretrain"].update(timestep_shift=timestep_shift, coord_channels=coord_channels)
     model.save_pretrained(work, settings=settings)
     log("done", steps, minutes=train_minutes)
     if eval_num:
@@ -180,15 +179,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-size", type=int, default=5000, help="pre-rendered training clips")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--timestep-shift", type=float, default=1.0,
+    parser.add_argument("--timestep-shift", type=float, default=3.0,
                         help="SD3 shift of the logit-normal training t (1: none; 3: the sampler's shift)")
+    parser.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=True,
+                        help="append t / y / x coordinate channels to the transformer input (samplers/models/wan.py)")
     parser.add_argument("--eval-num", type=int, default=96, help="held-out clips sampled at the end (0: none)")
 
 
 def main(args: argparse.Namespace) -> None:
     pretrain_video_toy(args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                        dataset_size=args.dataset_size, lr=args.lr, threads=args.threads, eval_num=args.eval_num,
-                       timestep_shift=args.timestep_shift)
+                       timestep_shift=args.timestep_shift, coord_channels=args.coord_channels)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_pretrain_video_toy_is_reproducible_and_loadable(tmp_path):
     b = pretrain_video_toy(tmp_path / "b", **kwargs)
     assert weights_checksum(a) == weights_checksum(b)
     model = load_model(a)
-    assert isinstance(model, WanAdapter)
+    assert isinstance(model, WanAdapter) and model.coord_channels  # the default recipe's t / y / x input channels
     videos = generate(model, ["a red circle moving left"], num_steps=2)
     assert videos.shape == (1, 3, NUM_FRAMES, FRAME_SIZE, FRAME_SIZE)
     log = (a / "pretrain_log.csv").read_text().splitlines()

@@ -99,8 +99,8 @@ def test_save_and_load_round_trip_of_the_toy_layout(tiny_toy, tmp_path):
     loaded = load_model(tmp_path / "toy")
     assert isinstance(loaded, WanAdapter)
     assert type(loaded.vae).__name__ == "AutoencoderKL" and type(loaded.text_encoder).__name__ == "CLIPTextModel"
-    assert (loaded.video_size, loaded.defaults, loaded.max_sequence_length) == (
-        tiny_toy.video_size, tiny_toy.defaults, tiny_toy.max_sequence_length)
+    assert (loaded.video_size, loaded.defaults, loaded.max_sequence_length, loaded.coord_channels) == (
+        tiny_toy.video_size, tiny_toy.defaults, tiny_toy.max_sequence_length, True)
     torch.testing.assert_close(_velocity(loaded), _velocity(tiny_toy), atol=0, rtol=0)
     a = generate(tiny_toy, PROMPTS, seeds=[3, 4], num_steps=3)
     b = generate(loaded, PROMPTS, seeds=[3, 4], num_steps=3)
@@ -190,3 +190,25 @@ def test_latent_shape_checks(tiny_wan, tiny_toy):
     with pytest.raises(ValueError, match="divisible"):
         tiny_toy.latent_shape(18, 18)
     assert tiny_toy.latent_shape(32, 16, num_frames=6) == (4, 6, 16, 8)
+
+
+def test_coordinate_channels_give_the_transformer_absolute_positions(tiny_toy):
+    """Relative RoPE alone is translation-equivariant: on a constant latent every token sees the same
+    input, so the velocity repeats from patch to patch. The t / y / x ramps break that."""
+    from samplers.models.shapesworld_video import toy_video_components
+    from samplers.models.wan import coordinate_channels
+
+    ramps = coordinate_channels(torch.zeros(2, 4, 3, 2, 5))
+    assert ramps.shape == (2, 3, 3, 2, 5)
+    torch.testing.assert_close(ramps[1, :, 2, 1, 4], torch.ones(3))
+    torch.testing.assert_close(ramps[0, 2, 0, 0], torch.linspace(-1, 1, 5))
+    cond = tiny_toy.encode_prompt(PROMPTS[:1], negative_prompt=None)
+    latents = torch.full((1, *tiny_toy.latent_shape()), 0.3)  # patch (1, 2, 2): tokens of one frame x 2x2
+    blind = toy_video_components("test", seed=0, coord_channels=False).eval()
+    with torch.no_grad():
+        outputs = [model.velocity(latents, 0.9, cond) for model in (blind, tiny_toy)]
+    tokens = [v.unfold(3, 2, 2).unfold(4, 2, 2) for v in outputs]  # [1, C, T, H/2, W/2, 2, 2]
+    spread = [(t - t[:, :, :1, :1, :1]).abs().max().item() for t in tokens]
+    assert spread[0] < 1e-5 < 1e-2 < spread[1], spread
+    with pytest.raises(ValueError, match="coord_channels"):
+        WanAdapter(blind.transformer, blind.vae, blind.text_encoder, blind.tokenizer, coord_channels=True)

@@ -39,10 +39,11 @@ NUM_FRAMES, FRAME_SIZE = 8, 64
 DEFAULTS = {"num_steps": 10, "guidance": 4.5, "shift": 3.0}
 
 SIZES = {
-    "shapesworld_video": dict(patch=(2, 2, 2), heads=3, head_dim=32, layers=4, ffn=384, freq=64,
+    "shapesworld_video": dict(patch=(2, 2, 2), heads=3, head_dim=32, layers=4, ffn=384, freq=64, coord=True,
                               text_width=48, text_layers=2, vae_channels=(8, 16, 32), frames=NUM_FRAMES,
                               frame_size=FRAME_SIZE),
-    "test": dict(patch=(1, 2, 2), heads=2, head_dim=8, layers=1, ffn=32, freq=16, text_width=16, text_layers=1,
+    "test": dict(patch=(1, 2, 2), heads=2, head_dim=8, layers=1, ffn=32, freq=16, coord=True, text_width=16,
+                 text_layers=1,
                  vae_channels=(8, 16), frames=4, frame_size=16),
 }
 
@@ -57,11 +58,13 @@ def _frame_vae(channels, sample_size):
                          sample_size=sample_size, scaling_factor=1.0, shift_factor=0.0)
 
 
-def toy_video_components(size: str = "shapesworld_video", seed: int = 0, from_image_toy: bool | None = None) -> WanAdapter:
+def toy_video_components(size: str = "shapesworld_video", seed: int = 0, from_image_toy: bool | None = None,
+                         coord_channels: bool | None = None) -> WanAdapter:
     """A freshly initialised (seeded) toy Wan model built from configs.
 
     from_image_toy (default: True for the full size): copy the shipped image toy's VAE and text
     encoder weights (samplers/models/weights/shapesworld) instead of random ones.
+    coord_channels (default: the size's): t / y / x coordinate input channels (WanAdapter).
     """
     from diffusers import WanTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -69,6 +72,7 @@ def toy_video_components(size: str = "shapesworld_video", seed: int = 0, from_im
     from .clip_tokenizer import build_clip_tokenizer
 
     s = SIZES[size]
+    coord_channels = s["coord"] if coord_channels is None else coord_channels
     from_image_toy = (size == "shapesworld_video") if from_image_toy is None else from_image_toy
     torch.manual_seed(seed)
     width = s["text_width"]
@@ -78,7 +82,7 @@ def toy_video_components(size: str = "shapesworld_video", seed: int = 0, from_im
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="gelu"))
     vae = _frame_vae(s["vae_channels"], s["frame_size"])
     transformer = WanTransformer3DModel(
-        patch_size=s["patch"], num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=4,
+        patch_size=s["patch"], num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=4 + 3 * coord_channels,
         out_channels=4, text_dim=width, freq_dim=s["freq"], ffn_dim=s["ffn"], num_layers=s["layers"],
         rope_max_seq_len=64)
     if from_image_toy:
@@ -93,7 +97,7 @@ def toy_video_components(size: str = "shapesworld_video", seed: int = 0, from_im
     video_size = (s["frames"], s["frame_size"], s["frame_size"])
     return WanAdapter(transformer, vae, text_encoder, build_clip_tokenizer(TOKENIZER_MAX_LENGTH),
                       max_sequence_length=TOKENIZER_MAX_LENGTH, video_size=video_size, defaults=DEFAULTS,
-                      tokenizer_spec="clip")
+                      tokenizer_spec="clip", coord_channels=coord_channels)
 
 
 def weights_checksum(root: str | Path = VIDEO_DIR) -> str:

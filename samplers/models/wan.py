@@ -18,6 +18,16 @@ encoded and decoded on its own with its `scaling_factor` / `shift_factor`; T fra
 frames). The per-frame VAE is what the CPU toy ShapesWorld-Video model uses (it reuses the image
 toy's VAE); real Wan checkpoints use `AutoencoderKLWan`. The class is read from `vae/config.json`.
 
+Coordinate channels (`coord_channels`, a toy option; `"coord_channels": true` in `genalign.json`).
+Wan's transformer knows positions only through relative 3-D RoPE: nothing in it tells a token
+where in the frame or the clip it is. On (near-)pure noise it is translation-equivariant, so its
+prediction there cannot put an object on one side or make it drift one way, and that is where
+a caption's direction word decides the motion (below t ~ 0.9 the noisy clip already shows it).
+With the option the adapter appends three fixed channels, the t, y and x of each latent voxel
+as ramps over [-1, 1], to the transformer's input (`in_channels` = latent channels + 3, as
+Wan's image-to-video checkpoints widen the input for their conditioning channels); the latent
+itself keeps `out_channels`. Real Wan checkpoints leave it off.
+
 Text encoders. Wan2.1's `UMT5EncoderModel` with its tokenizer (`tokenizer/`), or any transformers
 text encoder returning `last_hidden_state` (the toy uses a CLIP text encoder with the offline CLIP
 BPE, named by `"tokenizer": "clip"` in `genalign.json`, since no tokenizer files ship).
@@ -56,6 +66,15 @@ class WanCond(BatchedCond):
         return self._cfg_cache
 
 
+def coordinate_channels(latents: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W]: the t, y and x of every voxel of video latents [B, C, T, H, W] as ramps
+    over [-1, 1] (a single frame or row sits at -1), in the latents' dtype and device."""
+    b, _, t, h, w = latents.shape
+    ramps = [torch.linspace(-1, 1, n, device=latents.device, dtype=latents.dtype) for n in (t, h, w)]
+    grid = torch.stack(torch.meshgrid(*ramps, indexing="ij"))  # [3, T, H, W]
+    return grid.expand(b, *grid.shape)
+
+
 def _is_wan_vae(vae) -> bool:
     return "z_dim" in vae.config  # AutoencoderKLWan; an image AutoencoderKL has latent_channels
 
@@ -71,6 +90,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         video_size: native (num_frames, height, width) in pixels.
         defaults: sampler settings of this checkpoint (num_steps, guidance, shift).
         tokenizer_spec: "clip" when the tokenizer is rebuilt offline (then it is not saved).
+        coord_channels: append t / y / x coordinate channels to the transformer input (module
+            docstring); needs `in_channels == out_channels + 3`.
     """
 
     family = "wan"
@@ -79,8 +100,13 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, max_sequence_length: int = 512,
                  video_size: Sequence[int] = WAN_VIDEO_SIZE, defaults: dict | None = None,
-                 tokenizer_spec: str | None = None):
+                 tokenizer_spec: str | None = None, coord_channels: bool = False):
         super().__init__()
+        config = transformer.config
+        if config.in_channels != config.out_channels + 3 * coord_channels:
+            raise ValueError(f"WanTransformer3DModel in_channels {config.in_channels} must equal out_channels "
+                             f"{config.out_channels}" + (" + 3 (coord_channels)" if coord_channels else ""))
+        self.coord_channels = coord_channels
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -150,7 +176,7 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         t = self.latent_frames(num_frames)
         if t % p_t:
             raise ValueError(f"{t} latent frames are not divisible by the temporal patch {p_t}")
-        return (self.transformer.config.in_channels, t, height // f, width // f)
+        return (self.transformer.config.out_channels, t, height // f, width // f)
 
     # ------------------------------------------------------------------ text
     def _encode(self, prompts: list[str]) -> torch.Tensor:
@@ -182,6 +208,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
 
     # ------------------------------------------------------------------ flow
     def _transformer(self, latents, sigma, embeds):
+        if self.coord_channels:
+            latents = torch.cat([latents, coordinate_channels(latents)], 1)
         # timesteps stay fp32: Wan keeps its time embedder in fp32 (_keep_in_fp32_modules)
         out = self.transformer(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
                                encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
@@ -290,7 +318,7 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
             defaults["shift"] = float(scheduler.get("flow_shift") or scheduler.get("shift"))
         model = cls(transformer, vae, text_encoder, tokenizer, max_sequence_length=max_sequence_length,
                     video_size=settings.get("video_size", WAN_VIDEO_SIZE), defaults=defaults,
-                    tokenizer_spec=tokenizer_spec)
+                    tokenizer_spec=tokenizer_spec, coord_channels=bool(settings.get("coord_channels", False)))
         return model.to(device).eval().requires_grad_(False)
 
     def save_pretrained(self, directory: str | Path, settings: dict | None = None) -> Path:
@@ -320,6 +348,7 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         all_settings = {"max_sequence_length": self.max_sequence_length, "video_size": list(self.video_size),
                         "defaults": self.defaults,
-                        **({"tokenizer": self.tokenizer_spec} if self.tokenizer_spec else {}), **(settings or {})}
+                        **({"tokenizer": self.tokenizer_spec} if self.tokenizer_spec else {}),
+                        **({"coord_channels": True} if self.coord_channels else {}), **(settings or {})}
         (root / ADAPTER_SETTINGS_FILE).write_text(json.dumps(all_settings, indent=2) + "\n")
         return root
