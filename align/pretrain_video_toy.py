@@ -9,13 +9,17 @@ ground-truth clips of TRAIN-split prompts only (category balanced). Everything i
 same command gives the same weights. At the end it samples held-out (test-split) prompts and
 reports the verifier's accuracies (`eval_log.json`).
 
-    nice -n 10 env OMP_NUM_THREADS=1 python -m align.pretrain_video_toy --threads 1
+    nice -n 10 env OMP_NUM_THREADS=2 python -m align.pretrain_video_toy
 
-Defaults (2200 steps x 32 clips, 5000 clips, lr 1e-3) made the shipped weights: 47 min of training
-on one thread of a contended 2-core machine (48.5 min with data and evaluation), final flow loss
-~0.09. Held-out direction accuracy is only 0.04 (strict 0, partial 0.36; train split 0.05 / 0 /
-0.37), below issue 7's 0.3-0.75 target: colours and shapes come out right and stable over
-time, but objects barely move (median ~1 px/frame versus 1.5-4.5 in the data), with or without CFG.
+Defaults (4400 steps x 32 clips, 10,000 clips, lr 1e-3, timestep shift 3, coordinate input
+channels, 2 threads) made the shipped weights: 32.7 min of training on 2 threads (33.1 with
+evaluation), final flow loss ~0.10. Held-out (test-split) direction accuracy 0.46, strict 0.23,
+partial 0.67 (train split 0.55 / 0.22 / 0.70), inside issue 7's 0.3-0.75 direction target; two
+objects moving in opposite directions stay at 0 (both directions are never right at once).
+Without the coordinate channels the transformer is position-blind on near-pure noise
+(samplers/models/wan.py) and held-out direction stayed at 0.03-0.05 however long it trained
+(2200 or 4400 steps, shift 1 or 3, wider heads); with them at the old length (2200 steps of 5000
+clips) it was still 0.02: direction needs both.
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def evaluate_split(model, split: str = "test", num: int = 96, seed: int = 1234, 
     return aggregate_video([evaluate_clip(f, m) for f, m in zip(frames, metas)], metas)
 
 
-def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 5000, steps: int = 2200, batch: int = 32,
-                       lr: float = 1e-3, warmup: int = 100, caption_dropout: float = 0.1, threads: int = 1,
+def pretrain_video_toy(out: Path, seed: int = 0, dataset_size: int = 10000, steps: int = 4400, batch: int = 32,
+                       lr: float = 1e-3, warmup: int = 100, caption_dropout: float = 0.1, threads: int = 2,
                        eval_num: int = 96, timestep_shift: float = 3.0, coord_channels: bool = True) -> Path:
     """Trains the toy video model and saves it to `out` (diffusers WanPipeline layout). Returns `out`."""
     from samplers.models.shapesworld_video import toy_video_components
@@ -174,11 +178,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=VIDEO_DIR,
                         help="output folder (default: the package's shipped weights folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2200, help="training steps")
+    parser.add_argument("--steps", type=int, default=4400, help="training steps")
     parser.add_argument("--batch", type=int, default=32, help="clips per training step")
-    parser.add_argument("--dataset-size", type=int, default=5000, help="pre-rendered training clips")
+    parser.add_argument("--dataset-size", type=int, default=10000, help="pre-rendered training clips")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timestep-shift", type=float, default=3.0,
                         help="SD3 shift of the logit-normal training t (1: none; 3: the sampler's shift)")
     parser.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=True,
