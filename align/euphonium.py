@@ -8,8 +8,8 @@ D = sigma_i - sigma_{i+1} > 0: mu_g = mu + lambda D grad_x r_p(x, sigma_i, c), l
 eta^2 / (2 beta), next = mu_g + eta sqrt(D) z, guidance only in a late window of steps.
 
 Training is Flow-GRPO's loop with ``variant: euphonium`` (align/flow_grpo.py): DanceGRPO rollouts
-whose window steps are guided by ``grad_fn`` (:func:`make_grad_fn`), process rewards at each
-window step's state (:func:`process_rewards`), the outcome and process clipped losses summed, and
+whose window steps are guided by ``grad_fn`` (:func:`make_grad_fn`, which also records r_p at
+each window step's state for the process advantages), the outcome and process clipped losses summed, and
 the distillation KL on window steps weighted by ``euphonium.distill_weight``. Caveat: groups whose
 outcome rewards tie are dropped as in Flow-GRPO, even if their process advantages differ.
 """
@@ -112,7 +112,11 @@ def distillation_kl(mean_theta: Tensor, guided_mean: Tensor, eta: float, step: T
 class EuphoniumConfig:
     """Euphonium settings (used with `variant: euphonium`)."""
 
-    prm: str | None = doc(None, "Folder of the latent process reward model (`align train-prm`); required.")
+    prm: str | None = doc(None, "Folder of a latent process reward model (`align train-prm`); this or "
+                                "process_reward.")
+    process_reward: str | None = doc(None, "Name of a differentiable reward scored on the decoded one-step estimate "
+                                           "x0_hat = x_t - sigma v (rewards.process_reward.DecodedProcessReward; "
+                                           "e.g. shapes_video_motion): a process reward that needs no training.")
     beta: float = doc(3.125, "Guidance temperature beta: lambda = eta^2 / (2 beta) (paper: 3.125 with eta 0.25).")
     guidance_lambda: float | None = doc(None, "A fixed lambda instead of eta^2 / (2 beta).")
     window: list[int] | None = doc(None, "[start, end) of the guided steps (null: the last quarter of the steps, "
@@ -126,6 +130,8 @@ class EuphoniumConfig:
                                      "window steps: the trained model learns the guided drift itself.")
 
     def __post_init__(self):
+        if self.prm and self.process_reward:
+            raise ValueError("euphonium: give prm (a trained latent PRM) or process_reward (a reward name), not both")
         if self.log_prob_under not in ("unguided", "guided"):
             raise ValueError("euphonium.log_prob_under must be 'unguided' or 'guided'")
         if self.distill_weight < 0:
@@ -149,20 +155,21 @@ def prompt_vector(cond) -> Tensor:
     return (pooled if pooled is not None else cond.prompt_embeds.mean(1)).float()
 
 
-def make_grad_fn(prm):
-    """grad_fn(x, sigma [B], cond) -> grad_x r_p for samplers.rollout's guided steps."""
-    def grad_fn(x: Tensor, sigma: Tensor, cond) -> Tensor:
-        text = prompt_vector(cond).to(x.device)
-        return prm.reward_and_grad(x, sigma, text)[1]
+def make_grad_fn(prm, prompts: list[str], metadata: list | None = None, record: dict | None = None):
+    """grad_fn(x, sigma [B], cond, velocity) -> grad_x r_p for samplers.rollout's guided steps, for
+    the samples of `prompts` (and their `metadata`) in order. prm: a LatentPRM (reads the prompt
+    vector of `cond`) or a DecodedProcessReward (reads x0_hat = x - sigma velocity). record, if
+    given: record["reward"] = r_p [B] (cpu) of the latest call, the process reward of that state."""
+    from rewards.process_reward import DecodedProcessReward
+
+    def grad_fn(x: Tensor, sigma: Tensor, cond, velocity: Tensor | None = None) -> Tensor:
+        if isinstance(prm, DecodedProcessReward):
+            if velocity is None:
+                raise ValueError("a decoded process reward needs the step's velocity")
+            r, grad = prm.reward_and_grad(x, sigma, velocity, prompts, metadata)
+        else:
+            r, grad = prm.reward_and_grad(x, sigma, prompt_vector(cond).to(x.device))
+        if record is not None:
+            record["reward"] = r.float().cpu()
+        return grad
     return grad_fn
-
-
-@torch.no_grad()
-def process_rewards(prm, latents: Tensor, sigmas: Tensor, cond, window: Tensor) -> Tensor:
-    """[n, S] r_p at each window step's input state latents[:, k] (NaN outside the window)."""
-    n, num_steps = latents.shape[0], window.numel()
-    out = torch.full((n, num_steps), float("nan"))
-    text = prompt_vector(cond).to(latents.device)
-    for k in torch.nonzero(window).flatten().tolist():
-        out[:, k] = prm(latents[:, k].float(), sigmas[k].expand(n), text).float().cpu()
-    return out

@@ -50,8 +50,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
-from .euphonium import (EuphoniumConfig, distillation_kl, dual_clipped_loss, make_grad_fn, process_advantages,
-                        process_rewards, window_mask)
+from .euphonium import EuphoniumConfig, distillation_kl, dual_clipped_loss, make_grad_fn, process_advantages, window_mask
 from .losses import clipped_policy_loss, flow_grpo_kl
 from .metrics import MetricsLogger, TrainingProgress, write_summary
 from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
@@ -225,9 +224,10 @@ class FlowGRPOConfig:
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
         if self.variant == "euphonium":
-            if not self.euphonium.prm:
-                raise ValueError("variant euphonium needs euphonium.prm: a process reward model folder "
-                                 "(`align train-prm STORE --out DIR`)")
+            if not (self.euphonium.prm or self.euphonium.process_reward):
+                raise ValueError("variant euphonium needs euphonium.prm, a process reward model folder "
+                                 "(`align train-prm STORE --out DIR`), or euphonium.process_reward, a "
+                                 "differentiable reward scored on x0_hat (e.g. shapes_video_motion)")
             self.euphonium.resolved_window(self.sampler.num_steps)
         if self.antithetic_noise and (self.group_size % 2 or self.sampler.batch_size % 2 or self.prompts.spread_groups):
             raise ValueError("antithetic_noise pairs neighbouring samples of a group: group_size and "
@@ -289,6 +289,7 @@ class Rollouts:
     rewards: Tensor  # [n] fp32, NaN = not scored
     extras: dict[str, Tensor]  # per-sample reward extras [n] (e.g. "strict")
     guided_means: dict[int, Tensor] | None = None  # euphonium: step -> [n, *latent] mean the sample was drawn from
+    process_rewards: Tensor | None = None  # euphonium: [n, T] r_p of each guided step's input state, NaN elsewhere
 
 
 def _initial_noise(cfg: FlowGRPOConfig, batch: SampleBatch, epoch: int, latent_shape, share: bool) -> Tensor:
@@ -307,19 +308,23 @@ def _encode(model, prompts: list[str], guidance: float, negative_prompt: str):
 
 @torch.no_grad()
 def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, epoch: int,
-                     step_types: list[str], step_params: dict) -> Rollouts:
-    """Sample this rank's chains batch by batch, decode and score them."""
+                     step_types: list[str], step_params: dict, prm=None) -> Rollouts:
+    """Sample this rank's chains batch by batch, decode and score them. prm (euphonium): the
+    process reward whose gradient guides the "guided" steps; its values there are kept."""
     s = cfg.sampler
     device = model.device
     sigmas = flow_sigmas(s.num_steps, shift=s.shift, device=device)
     cond = _encode(model, batch.prompts, s.guidance, s.negative_prompt)
     noise = _initial_noise(cfg, batch, epoch, model.latent_shape(s.resolution, s.resolution),
                           cfg.share_initial_noise).to(device)
-    trajectories, rewards, extras, guided = [], [], {}, {}
+    trajectories, rewards, extras, guided, process = [], [], {}, {}, {}
+    record: dict[str, Tensor] = {}  # r_p of the latest guided step's input state (make_grad_fn)
 
     def keep_guided(i, x, v, out):
         if out.guided_mean is not None:
             guided.setdefault(i, []).append(out.guided_mean.detach())
+        if "reward" in record:
+            process.setdefault(i, []).append(record.pop("reward"))
 
     for start in range(0, len(batch), s.batch_size):
         idx = slice(start, start + s.batch_size)
@@ -327,7 +332,11 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
         # per-rank sample count is a multiple of the batch size
         generator = torch.Generator(device=device).manual_seed(
             derive_seed(cfg.seed, epoch, _STEP_NOISE, int(batch.sample_ids[start])))
-        traj = rollout(model, cond.index(idx), sigmas, step_types=step_types, step_params=step_params,
+        params = step_params
+        if prm is not None:
+            params = {**step_params, "guided": {**step_params["guided"], "grad_fn": make_grad_fn(
+                prm, batch.prompts[idx], batch.metadata[idx], record)}}
+        traj = rollout(model, cond.index(idx), sigmas, step_types=step_types, step_params=params,
                        guidance=s.guidance, initial_noise=noise[idx], generator=generator,
                        antithetic=cfg.antithetic_noise, callback=keep_guided if cfg.variant == "euphonium" else None)
         images = model.decode(traj.final)
@@ -339,7 +348,12 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
                 extras.setdefault(key, []).append(value.detach().float().cpu())
     extras = {k: torch.cat(v) for k, v in extras.items() if len(v) == len(trajectories)}
     guided_means = {i: torch.cat(means) for i, means in guided.items()} or None
-    return Rollouts(Trajectory.cat(trajectories), cond, torch.cat(rewards), extras, guided_means)
+    process_rewards = None
+    if process:
+        process_rewards = torch.full((len(batch), s.num_steps), float("nan"))
+        for i, values in process.items():
+            process_rewards[:, i] = torch.cat(values)
+    return Rollouts(Trajectory.cat(trajectories), cond, torch.cat(rewards), extras, guided_means, process_rewards)
 
 
 def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBatch, accelerator):
@@ -368,14 +382,15 @@ def compute_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBat
     return by_id, keep_by_id, out
 
 
-def compute_process_advantages(cfg: FlowGRPOConfig, prm, rollouts: Rollouts, batch: SampleBatch,
+def compute_process_advantages(cfg: FlowGRPOConfig, rollouts: Rollouts, batch: SampleBatch,
                                accelerator) -> tuple[Tensor, dict[str, float]]:
     """Euphonium's per-step process advantages [n, T] of this rank's samples (0 outside the
     guidance window), standardised within each group over the batch gathered from all ranks."""
     T = cfg.sampler.num_steps
     window = window_mask(T, cfg.euphonium.resolved_window(T))
-    traj = rollouts.trajectory
-    local = process_rewards(prm, traj.latents.to(accelerator.device), traj.sigmas, rollouts.cond, window)  # [n, T]
+    if rollouts.process_rewards is None:
+        raise ValueError("euphonium's process advantages need rollouts collected with a prm")
+    local = rollouts.process_rewards  # [n, T], NaN outside the window
     values, group_ids, sample_ids = local, batch.group_ids, batch.sample_ids
     if accelerator.num_processes > 1:
         device = accelerator.device
@@ -673,9 +688,10 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     reward_fn = reward if reward is not None else build_reward(cfg.reward)
     prm = None
     if cfg.variant == "euphonium":
-        from rewards.process_reward import load_prm
+        from rewards.process_reward import DecodedProcessReward, load_prm
 
-        prm = load_prm(cfg.euphonium.prm, accelerator.device)
+        e = cfg.euphonium
+        prm = load_prm(e.prm, accelerator.device) if e.prm else DecodedProcessReward(model, e.process_reward)
     trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=bool(cfg.kl_beta))
     configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
     o = cfg.optimizer
@@ -729,9 +745,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
                                                cfg.prompts.spread_groups)
                 step_types, step_params, candidate_steps = epoch_step_schedule(cfg, epoch)
-                if prm is not None:
-                    step_params["guided"]["grad_fn"] = make_grad_fn(prm)
-                rollouts = collect_rollouts(model, reward_fn, batch, cfg, epoch, step_types, step_params)
+                rollouts = collect_rollouts(model, reward_fn, batch, cfg, epoch, step_types, step_params, prm)
                 metrics["time_rollout"] = time.perf_counter() - rollout_start
 
                 # ---- advantages over the batch gathered from all ranks; no-signal groups dropped
@@ -740,7 +754,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                 advantages = advantages_by_id[batch.sample_ids]  # [n] this rank's samples
                 process = None
                 if prm is not None and cfg.euphonium.process_advantages:
-                    process, process_metrics = compute_process_advantages(cfg, prm, rollouts, batch, accelerator)
+                    process, process_metrics = compute_process_advantages(cfg, rollouts, batch, accelerator)
                     metrics.update(process_metrics)
 
                 # ---- policy updates: accumulate -> clip -> step -> EMA

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,6 +99,17 @@ def shapesworld_prompts(split: str, per_tag: int | None = None) -> list[dict]:
         by_tag = {tag: [m for m in metas if m["tag"] == tag] for tag in TAGS}
         metas = [by_tag[tag][i % len(by_tag[tag])] for tag in TAGS for i in range(per_tag)]
     return [{"prompt": m["prompt"], "meta": m} for m in metas]
+
+
+def shapesworld_video_prompts(split: str, per_tag: int) -> list[dict]:
+    """ShapesWorld-Video prompts of `split`, exactly `per_tag` per category (cycled within it)."""
+    from eval.shapes_video import VIDEO_TAGS, video_prompts
+
+    if per_tag < 1:
+        raise ValueError(f"per_tag must be >= 1, got {per_tag}")
+    by_tag = {tag: [m for m in video_prompts(split) if m["tag"] == tag] for tag in VIDEO_TAGS}
+    return [{"prompt": by_tag[tag][i % len(by_tag[tag])]["prompt"], "meta": by_tag[tag][i % len(by_tag[tag])]}
+            for tag in VIDEO_TAGS for i in range(per_tag)]
 
 
 def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Path, progress=None) -> Path:

@@ -23,8 +23,9 @@ def main(argv=None) -> list[dict]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward", action="append", help="reward scored on x0_hat (repeatable; default: "
                                                           "shapes_geneval and shapes_clip_score)")
-    parser.add_argument("--outcome", default="shapes_geneval", help="the final reward correlated against")
-    parser.add_argument("--model", default="shapesworld")
+    parser.add_argument("--outcome", default=None, help="the final reward correlated against (default: the "
+                                                         "verifier, shapes_geneval or shapes_video_verifier)")
+    parser.add_argument("--model", default="shapesworld", help="shapesworld or shapesworld_video (its prompts)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="prompt split")
     parser.add_argument("--prompts-per-tag", type=int, default=8, help="prompts per category")
     parser.add_argument("--group-size", type=int, default=8, help="seeds per prompt")
@@ -33,7 +34,7 @@ def main(argv=None) -> list[dict]:
     names = args.reward or ["shapes_geneval", "shapes_clip_score"]
     rows = evaluate_prm(None, model=args.model, reward=args.outcome, split=args.split, prompts_per_tag=args.prompts_per_tag,
                         group_size=args.group_size, seed=args.seed, tweedie=names)
-    print(f"Spearman with the final {args.outcome} ({len(rows)} steps, {args.split}-split prompts; "
+    print(f"Spearman with the final {args.outcome or 'verifier'} ({len(rows)} steps, {args.split}-split prompts; "
           "pooled / within prompt groups)")
     print(f"{'step':>4} {'sigma':>6} " + " ".join(f"{name:>28}" for name in names))
     for row in rows:

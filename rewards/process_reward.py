@@ -42,7 +42,7 @@ from rewards.base import cosine_lr
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "prm.safetensors"
 
-__all__ = ["LatentPRM", "prompt_vectors", "save_prm", "load_prm", "fit_prm", "train_prm", "evaluate_prm", "spearman",
+__all__ = ["DecodedProcessReward", "LatentPRM", "prompt_vectors", "save_prm", "load_prm", "fit_prm", "train_prm", "evaluate_prm", "spearman",
            "tweedie_estimate"]
 
 
@@ -221,6 +221,39 @@ def train_prm(store: str | Path, out: str | Path | None = None, *, model: str = 
     return prm, info
 
 
+class DecodedProcessReward:
+    """Training-free process reward: a differentiable pixel reward R on the decoded one-step
+    estimate of the clean sample, r_p(x_t, sigma, c) = R(decode(x_t - sigma v), c).
+
+    v is the velocity the sampler has just computed at x_t and is treated as a constant, so
+    grad_x r_p = (d R / d x0_hat) through the VAE decoder only: no backward pass through the
+    transformer (the stop-gradient approximation of x0-prediction guidance). Unlike
+    :class:`LatentPRM` it needs no training and ranks a prompt's samples exactly as R ranks their
+    x0_hat (``python -m eval.prm_reference --reward NAME`` measures how well that tracks the
+    outcome). R gets the prompts and metadata of the samples being guided.
+    """
+
+    def __init__(self, flow, reward):
+        from rewards import build_reward
+
+        self.flow = flow
+        self.reward = build_reward(reward) if isinstance(reward, str) else reward
+        if not getattr(self.reward, "differentiable", False):
+            raise ValueError(f"process reward {getattr(self.reward, 'name', reward)!r} is not differentiable: "
+                             "reward-gradient guidance needs a reward whose gradient reaches the pixels")
+
+    def reward_and_grad(self, latents: Tensor, sigma: Tensor, velocity: Tensor, prompts: Sequence[str],
+                        metadata: Sequence | None = None) -> tuple[Tensor, Tensor]:
+        """(r_p [B], d r_p / d latents [B, *latent]); sigma [B] or scalar, velocity [B, *latent]."""
+        with torch.enable_grad():
+            x = latents.detach().float().requires_grad_(True)
+            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+            r = self.reward(self.flow.decode(x - s * velocity.detach().float()), list(prompts),
+                            metadata=metadata).scores
+            (grad,) = torch.autograd.grad(r.nan_to_num(0.0).sum(), x)
+        return r.detach().float(), grad
+
+
 @torch.no_grad()
 def tweedie_estimate(flow, latents: Tensor, sigma: Tensor, cond, guidance: float, batch_size: int = 64) -> Tensor:
     """x0_hat = x_t - sigma v(x_t): the flow's one-step (Tweedie) estimate of the clean latent."""
@@ -233,26 +266,31 @@ def tweedie_estimate(flow, latents: Tensor, sigma: Tensor, cond, guidance: float
 
 
 @torch.no_grad()
-def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: str = "shapes_geneval",
+def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: str | None = None,
                  split: str = "test", prompts_per_tag: int = 8, group_size: int = 8, num_steps: int = 10,
                  guidance: float = 4.5, shift: float = 3.0, steps: Sequence[int] = (0, 2, 4, 6, 8, 10),
                  seed: int = 1234, tweedie: Sequence[str] = ()) -> list[dict]:
     """Spearman of r_p(x_t) with the final reward along ODE trajectories of held-out prompts.
 
-    Returns one row per step index: {"step", "sigma", "pooled", "within_group"} (within_group:
+    Prompts are ShapesWorld's (ShapesWorld-Video's for a video model), `prompts_per_tag` of each
+    category; reward None: the world's verifier. Returns one row per step index: {"step", "sigma",
+    "pooled", "within_group"} (within_group:
     mean over prompt groups whose rewards are not all equal). ``tweedie``: reward names scored
     on the decoded Tweedie estimate x0_hat(x_t) (:func:`tweedie_estimate`), a training-free
     process reward, reported as "<name>:pooled" / "<name>:within_group" (prm None: only these).
     """
     from align.flow_grpo import _encode
-    from align.sample import shapesworld_prompts
+    from align.sample import shapesworld_prompts, shapesworld_video_prompts
     from align.runtime import load_flow_model
     from rewards import build_reward
     from samplers.rollout import rollout
     from samplers.schedules import flow_sigmas
 
     flow = load_flow_model(model)
-    items = [item for item in shapesworld_prompts(split, prompts_per_tag) for _ in range(group_size)]
+    video = len(flow.latent_shape(64, 64)) == 4
+    reward = reward or ("shapes_video_verifier" if video else "shapes_geneval")
+    pick = shapesworld_video_prompts if video else shapesworld_prompts
+    items = [item for item in pick(split, prompts_per_tag) for _ in range(group_size)]
     prompts, metadata = [item["prompt"] for item in items], [item.get("meta") for item in items]
     sigmas = flow_sigmas(num_steps, shift=shift)
     cond = _encode(flow, prompts, guidance, "")

@@ -226,7 +226,8 @@ def _params_for(name: str, step_params: dict | None) -> dict:
 
     step_params is either flat ({"noise_level": 0.7}, given to every stochastic step; "ode" steps
     get none) or keyed by step name ({"flow_grpo_sde": {...}, "guided": {...}}).
-    For "guided" steps a callable `grad_fn(x, sigma [B], cond) -> grad` may replace `grad`.
+    For "guided" steps a callable `grad_fn(x, sigma [B], cond, velocity=v) -> grad` may replace
+    `grad` (v: the velocity just computed at x).
     """
     if not step_params:
         return {}
@@ -267,7 +268,7 @@ def _call_step(
     if grad_fn is not None:
         if params.get("log_prob_under", "unguided") == "guided" or step_kwargs.get("next") is None:
             with torch.enable_grad():
-                params["grad"] = grad_fn(x, sigma_vec, cond)
+                params["grad"] = grad_fn(x, sigma_vec, cond, velocity=v)
     return v, get_step(name)(x, v, sigma, sigma_next, **params, **step_kwargs)
 
 

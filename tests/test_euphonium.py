@@ -93,14 +93,12 @@ def test_euphonium_rollouts_follow_the_process_reward_in_the_window_only(tmp_pat
     assert types == ["dance_sde"] * 6 + ["guided"] * 2 and trained == list(range(8))  # last quarter guided
     assert params["guided"]["guidance_lambda"] == 50.0 and cfg.clip_range == 1e-4 and cfg.share_initial_noise
 
-    from align.euphonium import make_grad_fn
     from rewards.process_reward import load_prm
 
     prm = load_prm(prm_dir)
     batch = PromptDataset(load_prompt_items("train"), seed=0).epoch_batch(0, 2, 4)
     reward = build_reward("shapes_saturation")
-    params["guided"]["grad_fn"] = make_grad_fn(prm)
-    guided = collect_rollouts(model, reward, batch, cfg, 0, types, params)
+    guided = collect_rollouts(model, reward, batch, cfg, 0, types, params, prm)
     plain_types = ["dance_sde"] * 8
     plain = collect_rollouts(model, reward, batch, cfg, 0, plain_types, {"eta": cfg.sampler.eta})
     a, b = guided.trajectory.latents, plain.trajectory.latents  # same seeds: same noise
@@ -118,7 +116,14 @@ def test_euphonium_rollouts_follow_the_process_reward_in_the_window_only(tmp_pat
     class One:  # a single process
         num_processes, device = 1, torch.device("cpu")
 
-    process, metrics = compute_process_advantages(cfg, prm, guided, batch, One())
+    # the process rewards kept during sampling are r_p of each guided step's input state
+    recorded = guided.process_rewards
+    assert recorded.shape == (8, 8) and recorded[:, :6].isnan().all()
+    with torch.no_grad():
+        for k in (6, 7):
+            expected = prm(a[:, k], guided.trajectory.sigmas[k].expand(len(a)), text)
+            torch.testing.assert_close(recorded[:, k], expected, rtol=1e-5, atol=1e-6)
+    process, metrics = compute_process_advantages(cfg, guided, batch, One())
     assert process.shape == (8, 8) and process[:, :6].eq(0).all() and process[:, 6:].abs().sum() > 0
     assert "process_reward_mean" in metrics
 
@@ -149,3 +154,24 @@ def test_euphonium_needs_a_process_reward_model(tmp_path):
 
     with pytest.raises(ValueError, match="euphonium.prm"):
         tiny_config(tmp_path, variant="euphonium")
+
+
+def test_euphonium_with_a_decoded_process_reward_trains_and_records_it(tmp_path):
+    """euphonium.process_reward: a differentiable reward on x0_hat guides the window steps instead of
+    a trained PRM; its values there are the process rewards, and training runs end to end."""
+    from align.flow_grpo import train
+    from align.metrics import read_metrics_csv
+    from tests.test_flow_grpo import fresh_model, tiny_config
+
+    with pytest.raises(ValueError, match="not both"):
+        tiny_config(tmp_path, variant="euphonium", euphonium=dict(prm="somewhere", process_reward="shapes_saturation"))
+    with pytest.raises(ValueError, match="process_reward"):
+        tiny_config(tmp_path, variant="euphonium")
+    cfg = tiny_config(tmp_path, variant="euphonium", num_epochs=2, step_fraction=1.0,
+                      euphonium=dict(process_reward="shapes_saturation", guidance_lambda=1.0, distill_weight=1.0))
+    train(cfg, model=fresh_model())
+    rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["first_update_ratio_error"] == 0.0 and row["distill_kl"] > 0
+        assert 0 < row["process_reward_mean"] < 1  # shapes_saturation of x0_hat, in [0, 1]

@@ -133,3 +133,33 @@ def prompt_vectors_dim() -> int:
     from align.runtime import load_flow_model
 
     return prompt_vectors(load_flow_model("toy:test"), ["a circle"]).shape[1]
+
+
+def test_decoded_process_reward_is_the_reward_of_the_decoded_one_step_estimate():
+    """r_p(x_t) = R(decode(x_t - sigma v)) with v held fixed: its value is that, and its gradient is
+    the directional derivative of that function (finite differences along the gradient)."""
+    from align.flow_grpo import _encode
+    from align.runtime import load_flow_model
+    from rewards import build_reward
+    from rewards.process_reward import DecodedProcessReward
+
+    flow = load_flow_model("toy:test")
+    prompts = ["a photo of a red circle", "a photo of a blue square"]
+    cond = _encode(flow, prompts, 2.0, "")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.6)
+    with torch.no_grad():
+        v = flow.velocity(x, sigma, cond, guidance=2.0)
+    prm = DecodedProcessReward(flow, "shapes_saturation")
+    r, grad = prm.reward_and_grad(x, sigma, v, prompts)
+    saturation = build_reward("shapes_saturation")
+    with torch.no_grad():
+        expected = saturation(flow.decode(x - 0.6 * v), prompts).scores
+        torch.testing.assert_close(r, expected)
+        h = 1e-2
+        unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        up = saturation(flow.decode(x + h * unit - 0.6 * v), prompts).scores
+        down = saturation(flow.decode(x - h * unit - 0.6 * v), prompts).scores
+    torch.testing.assert_close((up - down) / (2 * h), grad.flatten(1).norm(dim=1), rtol=0.05, atol=1e-5)
+    with pytest.raises(ValueError, match="not differentiable"):
+        DecodedProcessReward(flow, "shapes_geneval")

@@ -398,7 +398,7 @@ def test_guided_rollouts_end_closer_to_the_target():
     model = GaussianFlow(0.0, 1.0, latent_shape=(2, 1, 1))  # 2-D standard Gaussian data
     target = torch.tensor([1.5, -1.0]).reshape(1, 2, 1, 1)
 
-    def grad_fn(x, sigma, cond):  # d/dx of r = -||x - x*||^2
+    def grad_fn(x, sigma, cond, velocity):  # d/dx of r = -||x - x*||^2
         x = x.detach().requires_grad_(True)
         reward = -((x - target) ** 2).sum()
         return torch.autograd.grad(reward, x)[0]
