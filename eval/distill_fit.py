@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--micro-batch", type=int, default=16, help="samples per step (one window step each)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-prompts", type=int, default=96, help="held-out prompts before and after")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.epochs < 1 or args.steps < 1 or args.micro_batch < 1 or args.log_every < 1 or args.eval_prompts < 1:
         parser.error("--epochs, --steps, --micro-batch, --log-every and --eval-prompts must be >= 1")
     cfg = load_config(FlowGRPOConfig, args.config, args.overrides)

@@ -21,8 +21,9 @@ def test_distillation_alone_fits_the_guided_drift_of_fixed_rollouts(tmp_path):
     assert set(out["before"]) == set(out["after"]) and "reward" in out["before"]
 
 
-def test_distill_fit_rejects_a_config_without_guidance(tmp_path):
+def test_distill_fit_rejects_a_config_without_guidance(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs variant: euphonium"):
         fit_guided_drift(tiny_config(tmp_path), steps=1, model=fresh_model())
-    with pytest.raises(SystemExit):
-        main(["configs/shapes/video_euphonium.yaml", "--steps", "0"])
+    with pytest.raises(SystemExit):  # config overrides may follow the options
+        main(["configs/shapes/video_euphonium.yaml", "--steps", "0", "lora.rank=0"])
+    assert "must be >= 1" in capsys.readouterr().err
