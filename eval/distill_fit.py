@@ -16,16 +16,23 @@ absorbing it carries the guidance gain into unguided sampling.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
 def fit_guided_drift(cfg, *, epochs: int = 2, steps: int = 300, lr: float = 1e-4, micro_batch: int = 16,
-                     log_every: int = 50, eval_prompts: int = 96, quiet: bool = False, model=None) -> dict:
+                     log_every: int = 50, eval_prompts: int = 96, quiet: bool = False, model=None,
+                     out: str | Path | None = None) -> dict:
     """Returns {"before": held-out means, "after": ..., "probe_kl": [(step, KL)], "train_kl": [..]}.
-    cfg: a FlowGRPOConfig with variant euphonium; model: a FlowModel adapter (default: load cfg.model)."""
+    cfg: a FlowGRPOConfig with variant euphonium; model: a FlowModel adapter (default: load cfg.model).
+    out: also write OUT/final (the LoRA in diffusers format, or the whole model folder with
+    lora.rank 0, as `align train` does) and OUT/distill_fit.json (the result)."""
     from align.data import PromptDataset, load_prompt_items
     from align.euphonium import distillation_kl
     from align.flow_grpo import collect_rollouts, epoch_step_schedule, evaluate, resolve_variant_defaults
@@ -96,7 +103,24 @@ def fit_guided_drift(cfg, *, epochs: int = 2, steps: int = 300, lr: float = 1e-4
             say(f"step {step}: probe KL {result['probe_kl'][-1][1]:.4f} ({time.perf_counter() - start:.0f} s)")
     result["after"] = held_out()
     say(f"after: {result['after']}")
+    if out is not None:
+        _write(model, cfg.lora.rank, Path(out), result)
+        say(f"wrote {Path(out) / 'final'}")
     return result
+
+
+def _write(model, lora_rank: int, out: Path, result: dict) -> None:
+    """OUT/final (LoRA in diffusers format, or the whole model folder) and OUT/distill_fit.json,
+    each built aside and moved into place, so a crash never leaves a half-written one."""
+    from align.checkpoint import replace_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
+    (model.save_lora if lora_rank > 0 else model.save_pretrained)(folder)
+    replace_dir(folder, out / "final")
+    tmp = out / ".distill_fit.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "distill_fit.json")
 
 
 def main(argv=None) -> dict:
@@ -113,12 +137,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--micro-batch", type=int, default=16, help="samples per step (one window step each)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-prompts", type=int, default=96, help="held-out prompts before and after")
+    parser.add_argument("--out", default=None, help="write OUT/final (the distilled weights) and OUT/distill_fit.json")
     args = parser.parse_intermixed_args(argv)
     if args.epochs < 1 or args.steps < 1 or args.micro_batch < 1 or args.log_every < 1 or args.eval_prompts < 1:
         parser.error("--epochs, --steps, --micro-batch, --log-every and --eval-prompts must be >= 1")
     cfg = load_config(FlowGRPOConfig, args.config, args.overrides)
     return fit_guided_drift(cfg, epochs=args.epochs, steps=args.steps, lr=args.lr, micro_batch=args.micro_batch,
-                            log_every=args.log_every, eval_prompts=args.eval_prompts)
+                            log_every=args.log_every, eval_prompts=args.eval_prompts, out=args.out)
 
 
 if __name__ == "__main__":
