@@ -1,6 +1,6 @@
 """Can the policy learn the guided drift? Euphonium's guidance distillation on its own.
 
-    python -m eval.distill_fit configs/shapes/video_euphonium.yaml --epochs 2 --steps 300 --lr 1e-4 lora.rank=0
+    python -m eval.distill_fit configs/shapes/video_euphonium.yaml --epochs 4 --steps 1000 lora.rank=0 --out runs/distill
 
 Collects the guided rollouts of the config's first ``--epochs`` epochs (its process reward,
 window and lambda), then takes ``--steps`` AdamW steps on the distillation KL alone
