@@ -26,7 +26,7 @@ from .config import doc
 from .losses import clipped_policy_loss
 
 __all__ = ["guidance_lambda", "window_mask", "process_advantages", "dual_advantages", "dual_clipped_loss", "distillation_target",
-           "distillation_kl"]
+           "distillation_kl", "build_process_reward"]
 
 
 def guidance_lambda(eta: float, beta: float) -> float:
@@ -153,6 +153,14 @@ def prompt_vector(cond) -> Tensor:
     """[B, D] the conditioning's prompt vector, as rewards.process_reward.prompt_vectors makes it."""
     pooled = getattr(cond, "pooled", None)
     return (pooled if pooled is not None else cond.prompt_embeds.mean(1)).float()
+
+
+def build_process_reward(settings: EuphoniumConfig, model, device):
+    """The configured process reward: a trained latent PRM (`prm` folder) or a differentiable reward
+    scored on the decoded x0_hat of `model` (`process_reward`)."""
+    from rewards.process_reward import DecodedProcessReward, load_prm
+
+    return load_prm(settings.prm, device) if settings.prm else DecodedProcessReward(model, settings.process_reward)
 
 
 def make_grad_fn(prm, prompts: list[str], metadata: list | None = None, record: dict | None = None):

@@ -50,7 +50,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
-from .euphonium import EuphoniumConfig, distillation_kl, dual_clipped_loss, make_grad_fn, process_advantages, window_mask
+from .euphonium import (EuphoniumConfig, build_process_reward, distillation_kl, dual_clipped_loss, make_grad_fn,
+                        process_advantages, window_mask)
 from .losses import clipped_policy_loss, flow_grpo_kl
 from .metrics import MetricsLogger, TrainingProgress, write_summary
 from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
@@ -688,10 +689,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     reward_fn = reward if reward is not None else build_reward(cfg.reward)
     prm = None
     if cfg.variant == "euphonium":
-        from rewards.process_reward import DecodedProcessReward, load_prm
-
-        e = cfg.euphonium
-        prm = load_prm(e.prm, accelerator.device) if e.prm else DecodedProcessReward(model, e.process_reward)
+        prm = build_process_reward(cfg.euphonium, model, accelerator.device)
     trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=bool(cfg.kl_beta))
     configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
     o = cfg.optimizer

@@ -34,11 +34,10 @@ def fit_guided_drift(cfg, *, epochs: int = 2, steps: int = 300, lr: float = 1e-4
     out: also write OUT/final (the LoRA in diffusers format, or the whole model folder with
     lora.rank 0, as `align train` does) and OUT/distill_fit.json (the result)."""
     from align.data import PromptDataset, load_prompt_items
-    from align.euphonium import distillation_kl
+    from align.euphonium import build_process_reward, distillation_kl
     from align.flow_grpo import collect_rollouts, epoch_step_schedule, evaluate, resolve_variant_defaults
     from align.runtime import load_flow_model, make_accelerator, setup_trainable
     from rewards import build_reward
-    from rewards.process_reward import DecodedProcessReward, load_prm
     from samplers.rollout import rescore_step
 
     cfg = resolve_variant_defaults(cfg)
@@ -48,8 +47,7 @@ def fit_guided_drift(cfg, *, epochs: int = 2, steps: int = 300, lr: float = 1e-4
     accelerator = make_accelerator("no")
     model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
     reward = build_reward(cfg.reward)
-    e = cfg.euphonium
-    prm = load_prm(e.prm, accelerator.device) if e.prm else DecodedProcessReward(model, e.process_reward)
+    prm = build_process_reward(cfg.euphonium, model, accelerator.device)
     trainable, _ = setup_trainable(model, cfg.lora, torch.float32, frozen_reference=False)
     data = PromptDataset(load_prompt_items(cfg.prompts.split, cfg.prompts.file), seed=cfg.seed)
     eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,

@@ -26,9 +26,9 @@ def test_distillation_alone_fits_the_guided_drift_of_fixed_rollouts(tmp_path):
     assert set(out["before"]) == set(out["after"]) and "reward" in out["before"]
     saved = json.loads((tmp_path / "distilled" / "distill_fit.json").read_text())
     assert saved["probe_kl"][-1][1] == pytest.approx(end)
-    reloaded = load_model(str(tmp_path / "distilled" / "final"))  # the distilled weights, whole model folder
+    reloaded = load_model(str(tmp_path / "distilled" / "final")).transformer.state_dict()  # whole model folder
     for name, p in model.transformer.state_dict().items():
-        assert torch.equal(reloaded.transformer.state_dict()[name], p), name
+        assert torch.equal(reloaded[name], p), name
 
 
 def test_distill_fit_rejects_a_config_without_guidance(tmp_path, capsys):
