@@ -39,7 +39,7 @@ from eval.shapes.world import BACKGROUND, COLORS
 from rewards.base import IMAGE, Reward, RewardOutput, register_reward
 from rewards.shapes import lookup_shapes_metadata, to_uint8_images
 
-__all__ = ["ShapesSoftGenEvalReward", "soft_components", "soft_geneval_score"]
+__all__ = ["ShapesSoftGenEvalReward", "soft_components", "soft_geneval_score", "soft_geneval_scores", "soft_palette"]
 
 
 def _relation_probs(centre_a: Tensor, centre_b: Tensor, dims: Tensor, softness: float, threshold: float = 0.1) -> dict:
@@ -65,7 +65,7 @@ def soft_palette(images: Tensor, alpha_softness: float = 0.1, residual_softness:
     along = alpha.clamp(0, 1).unsqueeze(2) * directions.view(1, -1, 3, 1, 1)  # [B, K, 3, H, W]
     dist = (offsets.unsqueeze(1) - along).square().sum(2).add(1e-6).sqrt()
     mask = torch.sigmoid((alpha - MIN_ALPHA) / alpha_softness) * torch.sigmoid((MAX_RESIDUAL - dist) / residual_softness)
-    share = torch.softmax(-dist.square() / (2 * (MAX_RESIDUAL / 2) ** 2), dim=1)
+    share = torch.softmax(-dist.square() / (2 * MAX_RESIDUAL**2), dim=1)
     return mask, share
 
 
@@ -140,6 +140,27 @@ def soft_geneval_score(comps: list[dict], meta: dict, softness: float = 0.1) -> 
     return torch.stack(terms).mean() if terms else zero
 
 
+def soft_geneval_scores(images: Tensor, metas: Sequence[dict | None], alpha_softness: float = 0.1, tau: float = 0.03,
+                        pad: int = 1, softness: float = 0.1) -> tuple[Tensor, Tensor]:
+    """(scores [B], components seen [B]) of :class:`ShapesSoftGenEvalReward` for images [B, 3, H, W]
+    in [0, 1] (resized to 64 px; float64 stays float64) and their GenEval metadata (None: NaN, -1)."""
+    images = images.to(torch.promote_types(images.dtype, torch.float32))
+    if tuple(images.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    images = images.clamp(0, 1)
+    mask, share = soft_palette(images, alpha_softness)
+    scores, counts = [], []
+    for i, meta in enumerate(metas):
+        if meta is None:
+            scores.append(images.new_tensor(float("nan")))
+            counts.append(-1)
+            continue
+        comps = soft_components(images[i], mask[i], share[i], pad, tau)
+        scores.append(soft_geneval_score(comps, meta, softness).to(images.dtype))
+        counts.append(len(comps))
+    return torch.stack(scores), torch.tensor(counts)
+
+
 @register_reward("shapes_soft_geneval")
 class ShapesSoftGenEvalReward(Reward):
     """Differentiable surrogate of "shapes_geneval" (partial credit), per image; see the module
@@ -164,23 +185,7 @@ class ShapesSoftGenEvalReward(Reward):
     def score(self, samples: Tensor, prompts: Sequence[str] | None, metadata=None, **kwargs) -> RewardOutput:
         if prompts is None and metadata is None:
             raise ValueError(f"{self.name}: needs prompts (ShapesWorld captions) or metadata=[GenEval dicts]")
-        images = samples.to(torch.promote_types(samples.dtype, torch.float32))
-        if tuple(images.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        images = images.clamp(0, 1)
-        mask, share = soft_palette(images, self.alpha_softness)
-        scores, counts = [], []
-        for i in range(images.shape[0]):
-            meta = metadata[i] if metadata is not None else None
-            if meta is None and prompts is not None:
-                meta = lookup_shapes_metadata(prompts[i])
-            if meta is None:
-                scores.append(images.new_tensor(float("nan")))
-                counts.append(-1)
-                continue
-            comps = soft_components(images[i], mask[i], share[i], self.pad, self.tau)
-            scores.append(soft_geneval_score(comps, meta, self.softness).to(images.dtype))
-            counts.append(len(comps))
-        missing = sum(c < 0 for c in counts)
-        return RewardOutput(torch.stack(scores), {"components": torch.tensor(counts), "missing_metadata": missing})
+        metas = [metadata[i] if metadata is not None else None for i in range(samples.shape[0])]
+        metas = [m if m is not None or prompts is None else lookup_shapes_metadata(prompts[i]) for i, m in enumerate(metas)]
+        scores, counts = soft_geneval_scores(samples, metas, self.alpha_softness, self.tau, self.pad, self.softness)
+        return RewardOutput(scores, {"components": counts, "missing_metadata": sum(m is None for m in metas)})
