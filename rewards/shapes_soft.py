@@ -6,13 +6,16 @@ GenEval's count / colour / position clauses on those detections. Every step is a
 its gradient is zero. This reward keeps the verifier's structure (the components and their boxes,
 found on the detached image) and replaces each decision by a smooth function of the pixels:
 
-* object mask of component c (colour k): the soft palette assignment of :func:`colour_masses` to
-  k, over c's box grown by ``pad`` px (pixels of other components excluded);
+* object mask of component c (colour k): the verifier's pixel test (alpha >= MIN_ALPHA along the
+  background-to-k segment, within MAX_RESIDUAL of it) through sigmoids (:func:`soft_palette`),
+  over c's box grown by ``pad`` px (pixels of other components excluded);
 * shape: the soft IoU of that mask with each ideal mask of the box (the verifier's templates,
   ``eval.shapes.verifier.ideal_masks``); P(shape) = softmax(IoU / ``tau``) and confidence
   conf = sigmoid((max IoU - MIN_SCORE) / ``tau``), so a detection of class s weighs
   q_c(s) = conf x P(s);
-* colour: the mean soft assignment of c's pixels to the required colour;
+* colour: the mean over c's pixels of a softmax over palette colours of -d^2 / (2 MAX_RESIDUAL^2),
+  d the distance to each colour's segment (so a pure colour next to a close one, orange by red
+  or purple by blue, scores ~0.9, and between far-apart colours the gradient all but vanishes);
 * position: GenEval's relative_position on the mask's centroid (box sizes held fixed), each
   "> 0.5" threshold through a sigmoid.
 
@@ -21,7 +24,7 @@ clip(1 - |n - sum_c q_c(s)| / n, 0, 1), colour likewise on the n most confident 
 position the product of the subject's and target's q and the soft relations. The score is their
 mean. A component's pixels get a gradient that makes it more of the asked shape and colour, or
 moves it the asked way; an object that is missing altogether gets none (there is nothing to
-grow), which is what a process reward on a one-step estimate x0_hat can still fix early on.
+reshape). The gradient is exact for the components found; they are re-found at every call.
 """
 
 from __future__ import annotations
