@@ -124,6 +124,8 @@ def write_report(summary: dict, out: Path, smooth: int) -> Path:
                                                                              summary[n]["eval_epochs"][-1])) + " |",
              "|---|" + "---|" * 4]
     for key in HELD_OUT:
+        if all(np.isnan(summary[name]["held"][key]).all() for name in ("baseline", "euphonium")):
+            continue  # a metric these runs do not log (direction: video only)
         cells = []
         for name in ("baseline", "euphonium"):
             values = summary[name]["held"][key]
