@@ -60,7 +60,7 @@ def soft_palette(images: Tensor, alpha_softness: float = 0.1, residual_softness:
     [B, K, H, W] (K palette colours). mask_k = sigmoid((alpha_k - MIN_ALPHA) / alpha_softness) x
     sigmoid((MAX_RESIDUAL - d_k) / residual_softness), with alpha_k the pixel's position along the
     background-to-colour-k segment and d_k its RGB distance from it (the verifier's thresholds);
-    share = softmax_k(-d_k^2 / (2 (MAX_RESIDUAL / 2)^2)), which colour a pixel is."""
+    share = softmax_k(-d_k^2 / (2 MAX_RESIDUAL^2)), which colour a pixel is."""
     bg, directions, lengths_sq = (torch.as_tensor(a, dtype=images.dtype, device=images.device)
                                   for a in _palette_segments(BACKGROUND))
     offsets = images * 255.0 - bg.view(1, 3, 1, 1)  # [B, 3, H, W]
