@@ -26,7 +26,7 @@ from torch import Tensor
 from eval.shapes import IMAGE_SIZE, TAGS, all_prompts, detect, evaluate, palette_residual
 from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, frames_as_images, register_reward
 
-__all__ = ["ShapesGenEvalReward", "ShapesQualityReward", "SaturationReward", "lookup_shapes_metadata", "to_uint8_images"]
+__all__ = ["ShapesGenEvalReward", "ShapesQualityReward", "SaturationReward", "lookup_shapes_metadata", "resolve_shapes_metadata", "to_uint8_images"]
 
 MAX_LISTED_MISSING = 5  # how many prompts without metadata extras lists (the count is exact)
 
@@ -44,6 +44,15 @@ def _metadata_by_prompt() -> dict[str, dict]:
 def lookup_shapes_metadata(prompt: str) -> dict | None:
     """GenEval metadata of a ShapesWorld prompt (case, spacing and a final '.' ignored), or None."""
     return _metadata_by_prompt().get(_normalise_prompt(prompt))
+
+
+def resolve_shapes_metadata(name: str, batch: int, prompts, metadata) -> list[dict | None]:
+    """GenEval metadata per sample: ``metadata[i]`` if given, else looked up from ``prompts[i]``
+    (None when neither is known). Raises if both are missing (``name``: the reward, for the message)."""
+    if prompts is None and metadata is None:
+        raise ValueError(f"{name}: needs prompts (ShapesWorld captions) or metadata=[GenEval dicts]")
+    metas = [metadata[i] if metadata is not None else None for i in range(batch)]
+    return [m if m is not None or prompts is None else lookup_shapes_metadata(prompts[i]) for i, m in enumerate(metas)]
 
 
 def to_uint8_images(samples: Tensor, size: int | None = None) -> np.ndarray:
@@ -90,18 +99,11 @@ class ShapesGenEvalReward(Reward):
 
     def score(self, samples: Tensor, prompts: Sequence[str] | None, metadata=None, **kwargs) -> RewardOutput:
         batch = samples.shape[0]
-        if prompts is None and metadata is None:
-            raise ValueError(f"{self.name}: needs prompts (ShapesWorld captions) or metadata=[GenEval dicts]")
+        metas = resolve_shapes_metadata(self.name, batch, prompts, metadata)
         size = tuple(samples.shape[-2:])
         if size != (IMAGE_SIZE, IMAGE_SIZE) and not self.resize:
             raise ValueError(f"{self.name}: the verifier needs {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
                              f"{size[1]}x{size[0]} (or pass resize=True)")
-        metas = []
-        for i in range(batch):
-            meta = metadata[i] if metadata is not None else None
-            if meta is None and prompts is not None:
-                meta = lookup_shapes_metadata(prompts[i])
-            metas.append(meta)
         images = to_uint8_images(samples, IMAGE_SIZE if self.resize else None)  # (B, H, W, 3)
 
         strict = torch.full((batch,), math.nan)

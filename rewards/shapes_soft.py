@@ -40,7 +40,7 @@ from eval.shapes import IMAGE_SIZE, SHAPES, classify_pixels, connected_component
 from eval.shapes.verifier import MAX_RESIDUAL, MIN_ALPHA, MIN_AREA, MIN_SCORE, _palette_segments, ideal_masks
 from eval.shapes.world import BACKGROUND, COLORS
 from rewards.base import IMAGE, Reward, RewardOutput, register_reward
-from rewards.shapes import lookup_shapes_metadata, to_uint8_images
+from rewards.shapes import resolve_shapes_metadata, to_uint8_images
 
 __all__ = ["ShapesSoftGenEvalReward", "soft_components", "soft_geneval_score", "soft_geneval_scores", "soft_palette"]
 
@@ -129,17 +129,17 @@ def soft_geneval_score(comps: list[dict], meta: dict, softness: float = 0.1) -> 
             terms.append(_count_term(count, n_colour))
         if "position" in clause:
             relation, target = clause["position"]
-            targets = tops[target]
+            target_name, targets = tops[target]
             term = zero
             if len(top) >= count and len(targets) > 0:
-                term = torch.stack([c["q"][name] for c in top] + [t["q"][t["class_name"]] for t in targets]).prod()
+                term = torch.stack([c["q"][name] for c in top] + [t["q"][target_name] for t in targets]).prod()
                 for c in top:
                     for t in targets:
                         dims = torch.tensor([c["box"][2] - c["box"][0] + t["box"][2] - t["box"][0],
                                              c["box"][3] - c["box"][1] + t["box"][3] - t["box"][1]], dtype=c["centre"].dtype)
                         term = term * _relation_probs(c["centre"], t["centre"], dims, softness)[relation]
             terms.append(term)
-        tops.append([{**c, "class_name": name} for c in top])
+        tops.append((name, top))
     return torch.stack(terms).mean() if terms else zero
 
 
@@ -186,9 +186,6 @@ class ShapesSoftGenEvalReward(Reward):
         self.alpha_softness, self.tau, self.pad, self.softness = alpha_softness, tau, pad, softness
 
     def score(self, samples: Tensor, prompts: Sequence[str] | None, metadata=None, **kwargs) -> RewardOutput:
-        if prompts is None and metadata is None:
-            raise ValueError(f"{self.name}: needs prompts (ShapesWorld captions) or metadata=[GenEval dicts]")
-        metas = [metadata[i] if metadata is not None else None for i in range(samples.shape[0])]
-        metas = [m if m is not None or prompts is None else lookup_shapes_metadata(prompts[i]) for i, m in enumerate(metas)]
+        metas = resolve_shapes_metadata(self.name, samples.shape[0], prompts, metadata)
         scores, counts = soft_geneval_scores(samples, metas, self.alpha_softness, self.tau, self.pad, self.softness)
         return RewardOutput(scores, {"components": counts, "missing_metadata": sum(m is None for m in metas)})
