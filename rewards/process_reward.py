@@ -46,14 +46,31 @@ __all__ = ["DecodedProcessReward", "LatentPRM", "prompt_vectors", "save_prm", "l
            "tweedie_estimate"]
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation (NaN when either side is constant)."""
-    from scipy.stats import spearmanr
+def average_ranks(values) -> np.ndarray:
+    """[N] -> [N] 1-based ranks; tied values share the mean of the ranks they span
+    (e.g. [10, 20, 20, 30] -> [1, 2.5, 2.5, 4])."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]  # start of each run of equal values
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(first) - 1]
+    return ranks
 
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation: the Pearson correlation of the average ranks (ties share their
+    mean rank). NaN when either side is constant, has fewer than 2 values or holds a NaN."""
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} values vs {len(b)}")
+    if len(a) < 2 or np.isnan(a).any() or np.isnan(b).any() or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    return float(spearmanr(a, b).statistic)
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / math.sqrt((ra * ra).sum() * (rb * rb).sum()))
 
 
 def _sigma_features(sigma: Tensor, count: int = 8) -> Tensor:

@@ -12,8 +12,8 @@ import torch
 
 from align.config import load_config
 from align.rollout_store import RolloutConfig, RolloutStore, build_store
-from rewards.process_reward import (LatentPRM, evaluate_prm, fit_prm, load_prm, prompt_vectors, save_prm, spearman,
-                                    train_prm)
+from rewards.process_reward import (LatentPRM, average_ranks, evaluate_prm, fit_prm, load_prm, prompt_vectors,
+                                    save_prm, spearman, train_prm)
 
 YAML = Path(__file__).resolve().parents[1] / "configs" / "shapes" / "rollout.yaml"
 
@@ -25,6 +25,17 @@ def _store(out: Path, groups: int, seed: int) -> Path:
                                             f"output_dir={out}"])
     build_store(cfg)
     return out
+
+
+def test_spearman_with_ties_matches_a_hand_computed_case():
+    # a = [1, 2, 2, 3] ranks [1, 2.5, 2.5, 4]; b ranks [1, 3, 2, 4]; centred: [-1.5, 0, 0, 1.5] and
+    # [-1.5, .5, -.5, 1.5]; r = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    assert average_ranks([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
+    assert average_ranks([3, 1, 3, 3]).tolist() == [3, 1, 3, 3]
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10))
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 4, 9]) == pytest.approx(1.0)  # monotone, not linear
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1, 2], [1, float("nan")]))
 
 
 def test_shapes_gradients_and_video_motion():
