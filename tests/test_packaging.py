@@ -1,0 +1,26 @@
+"""Every import of the package and of its tests is declared in pyproject.toml (deptry, configured
+under [tool.deptry]): a fresh `pip install -e ".[test]"` can run everything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_import_is_a_declared_dependency(tmp_path):
+    pytest.importorskip("deptry", reason="deptry is in the `test` extra: pip install -e '.[test]'")
+    report = tmp_path / "deptry.json"
+    run = subprocess.run([sys.executable, "-m", "deptry", ".", "--json-output", str(report)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert report.is_file(), f"deptry did not run:\n{run.stdout}\n{run.stderr}"
+    issues = json.loads(report.read_text())
+    # DEP001: not installed by the declared dependencies; DEP003: only installed as a dependency of one
+    undeclared = [f"{i['location']['file']}:{i['location']['line']}: {i['error']['message']}"
+                  for i in issues if i["error"]["code"] in ("DEP001", "DEP003")]
+    assert not undeclared, "imports of packages pyproject.toml does not declare:\n" + "\n".join(undeclared)
