@@ -1,19 +1,22 @@
-"""Judges served behind an OpenAI-compatible chat-completions API (vLLM, SGLang, ...).
+"""Judges served behind an OpenAI-compatible chat-completions API (vLLM, SGLang, ...), and the
+HTTP transport every genalign client shares.
 
 Heavy VLM judges run on their own GPUs behind ``POST {base_url}/chat/completions``; training
-ranks only send requests. Two pieces:
+ranks only send requests. Three pieces:
 
+- Transport (:class:`RetryPolicy`, :func:`request_with_retries`, :class:`LoopThread`): httpx
+  async requests with a per-attempt timeout, an overall deadline, and retries with exponential
+  backoff (and jitter) on connection errors, timeouts, HTTP 5xx and 429 (``Retry-After``
+  honoured); a sync seam that runs coroutines on an event loop owned by a daemon thread, so one
+  pooled ``httpx.AsyncClient`` serves every call. Also used by the ``remote`` reward
+  (rewards/remote.py).
 - :class:`ChatCompletionsClient`: async batched requests (a semaphore bounds how many are in
-  flight), a per-request timeout, retries with exponential backoff (and jitter) on connection
-  errors, timeouts, HTTP 5xx and 429. A request that still fails, or an answer without text,
-  gives ``None``. Its sync seam ``client.generate(list_of_messages) -> list[str | None]``
-  is the only thing the reward needs, so any other backend (a local VLM, a test fake) can
-  stand in for it as ``generate_fn``.
+  flight). A request that still fails, or an answer without text, gives ``None``. Its sync seam
+  ``client.generate(list_of_messages) -> list[str | None]`` is the only thing the reward needs,
+  so any other backend (a local VLM, a test fake) can stand in for it as ``generate_fn``.
 - "http_judge" (:class:`HttpJudgeReward`): formats one question per sample from a template
   holding ``{prompt}``, sends it with the image (or a few frames of a video) as base64 PNG
   ``image_url`` parts, and reads a number from the answer with :func:`parse_score`.
-
-Uses only the standard library (urllib in a thread pool), so no HTTP package is required.
 
     reward = build_reward({"name": "http_judge", "base_url": "http://judge:8000/v1",
                            "model": "Qwen/Qwen2.5-VL-7B-Instruct", "score_range": [1, 5]})
@@ -23,18 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import io
-import json
 import logging
 import math
 import os
 import random
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -44,7 +46,8 @@ from rewards.base import IMAGE, VIDEO, Reward, RewardOutput, register_reward
 from rewards.parsing import parse_score
 from rewards.shapes import to_uint8_images
 
-__all__ = ["ChatCompletionsClient", "HttpJudgeReward", "parse_score", "image_part", "RETRY_STATUSES"]
+__all__ = ["ChatCompletionsClient", "HttpJudgeReward", "parse_score", "image_part", "RETRY_STATUSES",
+           "RetryPolicy", "RequestFailed", "request_with_retries", "LoopThread"]
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,134 @@ DEFAULT_TEMPLATE = (
 )
 
 
-# ----------------------------------------------------------------------------- client
+# ----------------------------------------------------------------------------- transport
 
 
-class _RequestFailed(Exception):
-    def __init__(self, reason: str, retryable: bool, retry_after: float | None = None):
+class RequestFailed(Exception):
+    """A request that gave no usable answer: retries exhausted, deadline passed or not retryable.
+    ``status`` is the last HTTP status (None for connection errors and timeouts)."""
+
+    def __init__(self, reason: str, attempts: int, status: int | None = None):
         super().__init__(reason)
-        self.retryable = retryable
-        self.retry_after = retry_after
+        self.reason, self.attempts, self.status = reason, attempts, status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying a request again.
+
+    max_retries: extra attempts after a retryable failure (connection error, timeout, or an
+                 HTTP status in ``statuses``); other statuses are returned to the caller.
+    backoff:     first delay in seconds, doubled per retry, times a random factor in [0.5, 1]
+                 (jitter, so many ranks do not retry in lockstep), at most ``max_backoff``; a
+                 ``Retry-After`` header (seconds) is honoured up to ``max_backoff``.
+    """
+
+    max_retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    statuses: frozenset = RETRY_STATUSES
+
+    def __post_init__(self):
+        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"need max_retries >= 0, backoff >= 0 and max_backoff >= 0, got {self}")
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        delay = self.backoff * 2**attempt * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, self.max_backoff)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def request_with_retries(client: httpx.AsyncClient, method: str, url: str, *, policy: RetryPolicy,
+                               timeout: float, deadline: float | None = None,
+                               limit: asyncio.Semaphore | None = None, **request_args) -> httpx.Response:
+    """One logical request: attempts until a response whose status is not retryable (returned,
+    whatever it is: the caller reads it), or raises :class:`RequestFailed`.
+
+    timeout:  seconds per attempt (connect + the whole answer), cut to what is left of
+    deadline: an absolute ``time.monotonic()`` after which no attempt starts and none waits.
+    limit:    held during each attempt (not during backoff), bounding requests in flight.
+    request_args go to ``client.request`` (content=, json=, headers=).
+    """
+    status, reason = None, "no attempt"
+    for attempt in range(policy.max_retries + 1):
+        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if left <= 0:
+            reason = f"deadline passed ({reason})"
+            break
+        async with limit or _NO_LIMIT:
+            try:
+                # wait_for bounds the whole attempt; httpx's own timeout bounds each socket operation
+                response = await asyncio.wait_for(client.request(method, url, timeout=left, **request_args), left)
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                status, reason, retry_after = None, f"timeout after {left:.3g} s", None
+            except httpx.TransportError as err:  # refused, reset, closed mid-answer, garbled
+                status, reason, retry_after = None, f"{type(err).__name__}: {err}", None
+            else:
+                if response.status_code not in policy.statuses:
+                    return response
+                status, reason, retry_after = response.status_code, f"HTTP {response.status_code}", \
+                    _retry_after(response)
+        if attempt == policy.max_retries:
+            break
+        pause = policy.delay(attempt, retry_after)
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            reason = f"deadline passed ({reason})"
+            break
+        await asyncio.sleep(pause)
+    raise RequestFailed(reason, attempt + 1, status)
+
+
+class _NoLimit:
+    async def __aenter__(self):
+        return None
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+_NO_LIMIT = _NoLimit()
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread. ``run(coroutine)`` blocks until it is done
+    and returns its result; usable from sync code and from inside another running loop. Objects
+    bound to a loop (an ``httpx.AsyncClient`` and its connection pool) live here across calls.
+    Created lazily; a forked child process gets a fresh loop (threads do not survive a fork)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._loop, self._pid = asyncio.new_event_loop(), os.getpid()
+                threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True).start()
+            return self._loop
+
+    def run(self, coroutine: Awaitable) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._ensure()).result()
+
+    def __getstate__(self):  # copies (deepcopy, pickling to workers) start their own loop
+        return {"name": self.name, "_loop": None, "_pid": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- client
 
 
 class ChatCompletionsClient:
@@ -76,12 +199,9 @@ class ChatCompletionsClient:
                      ``/chat/completions`` is used as is).
     model:           the served model name sent in every request.
     timeout:         seconds per attempt (connect + wait for the whole answer).
-    max_retries:     extra attempts after a connection error, timeout, HTTP 5xx or 429; other
-                     HTTP errors (400: bad request, 401, 404, ...) are not retried.
-    backoff:         first retry delay in seconds, doubled per retry, times a random factor in
-                     [0.5, 1] (jitter, so many ranks do not retry in lockstep), at most
-                     ``max_backoff``; a 429/503 ``Retry-After`` header is honoured up to it.
-    max_concurrency: requests in flight at once.
+    max_retries, backoff, max_backoff: :class:`RetryPolicy` (retries on connection errors,
+                     timeouts, HTTP 5xx and 429; 400, 401, 404, ... are not retried).
+    max_concurrency: requests in flight at once (also the connection pool's size).
     api_key:         sent as ``Authorization: Bearer``; ``api_key_env`` names an environment
                      variable to read it from instead (nothing is read unless configured).
     request_params:  merged into every request body (``max_tokens``, ``temperature``,
@@ -112,76 +232,55 @@ class ChatCompletionsClient:
         self.url = base_url if base_url.endswith("/chat/completions") else base_url + "/chat/completions"
         self.model = model
         self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.policy = RetryPolicy(max_retries, backoff, max_backoff)
         self.max_concurrency = max_concurrency
         self.request_params = {"temperature": 0.0, **(request_params or {})}
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._loop = LoopThread("chat-completions")
+        self._client: httpx.AsyncClient | None = None
 
-    # -- one HTTP exchange (blocking; runs in a worker thread)
-    def _post(self, body: bytes) -> str | None:
-        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+    def new_http_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        return httpx.AsyncClient(limits=limits, headers=self.headers)
+
+    async def _complete(self, client: httpx.AsyncClient, messages: Messages, limit: asyncio.Semaphore) -> str | None:
+        body = {"model": self.model, "messages": messages, **self.request_params}
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            retry_after = err.headers.get("Retry-After") if err.headers else None
+            response = await request_with_retries(client, "POST", self.url, json=body, policy=self.policy,
+                                                  timeout=self.timeout, limit=limit)
+            if response.status_code != 200:
+                raise RequestFailed(f"HTTP {response.status_code}", 1, response.status_code)
             try:
-                retry_after = float(retry_after) if retry_after is not None else None
-            except ValueError:
-                retry_after = None
-            raise _RequestFailed(f"HTTP {err.code}", err.code in RETRY_STATUSES, retry_after) from None
-        except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, garbled
-            reason = getattr(err, "reason", err)
-            raise _RequestFailed(f"{type(reason).__name__}: {reason}", retryable=True) from None
-        try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _RequestFailed("malformed response (no choices[0].message.content)", retryable=False) from None
+                content = response.json()["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise RequestFailed("malformed response (no choices[0].message.content)", 1) from None
+        except RequestFailed as failure:
+            log.warning("chat completion failed at %s: %s", self.url, failure)
+            return None
         if isinstance(content, list):  # content parts: keep the text ones
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return content if isinstance(content, str) else None
 
-    async def _complete(self, messages: Messages, pool: ThreadPoolExecutor, limit: asyncio.Semaphore) -> str | None:
-        body = json.dumps({"model": self.model, "messages": messages, **self.request_params}).encode()
-        loop = asyncio.get_running_loop()
-        for attempt in range(self.max_retries + 1):
-            async with limit:
-                try:
-                    # wait_for bounds the attempt even if the socket timeout does not fire.
-                    return await asyncio.wait_for(loop.run_in_executor(pool, self._post, body), self.timeout + 1)
-                except asyncio.TimeoutError:
-                    failure = _RequestFailed("timeout", retryable=True)
-                except _RequestFailed as err:
-                    failure = err
-            if not failure.retryable or attempt == self.max_retries:
-                break
-            delay = self.backoff * 2**attempt * random.uniform(0.5, 1.0)
-            if failure.retry_after is not None:
-                delay = max(delay, failure.retry_after)
-            await asyncio.sleep(min(delay, self.max_backoff))
-        log.warning("chat completion failed after %d attempt(s) at %s: %s", attempt + 1, self.url, failure)
-        return None
-
-    async def agenerate(self, batch: Sequence[Messages]) -> list[str | None]:
-        """Answers to each conversation, in order (None where the request failed)."""
+    async def agenerate(self, batch: Sequence[Messages], client: httpx.AsyncClient | None = None) -> list[str | None]:
+        """Answers to each conversation, in order (None where the request failed). Without
+        ``client``, a client for this call only (so it works in any event loop)."""
+        if client is None:
+            async with self.new_http_client() as client:
+                return await self.agenerate(batch, client)
         limit = asyncio.Semaphore(self.max_concurrency)
-        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="chat") as pool:
-            return list(await asyncio.gather(*(self._complete(m, pool, limit) for m in batch)))
+        return list(await asyncio.gather(*(self._complete(client, m, limit) for m in batch)))
 
     def generate(self, batch: Sequence[Messages]) -> list[str | None]:
-        """Sync seam: ``generate(list_of_messages) -> list[str | None]``; usable inside a running loop."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.agenerate(batch))
-        with ThreadPoolExecutor(1) as runner:  # already in an event loop: run ours in a thread
-            return runner.submit(asyncio.run, self.agenerate(batch)).result()
+        """Sync seam: ``generate(list_of_messages) -> list[str | None]``; usable inside a running
+        loop. Calls share one pooled connection pool (kept alive between training steps)."""
+        if self._client is None:
+            self._client = self.new_http_client()
+        return self._loop.run(self.agenerate(batch, self._client))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
 
 
 # ----------------------------------------------------------------------------- reward
