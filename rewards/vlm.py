@@ -49,6 +49,7 @@ from rewards.shapes import to_uint8_images
 
 __all__ = [
     "LocalVLM",
+    "logits_at",
     "byte_tokenizer",
     "PromptEcho",
     "YesNoJudge",
@@ -205,6 +206,25 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     return DTYPES[dtype]
 
 
+def logits_at(model: Any, inputs: dict, positions: Tensor) -> Tensor:
+    """Float32 logits [B, K, V] of ``model(**inputs)`` at token positions [B, K], row b at its own
+    positions[b], whatever the transformers version.
+
+    A model whose forward takes ``logits_to_keep`` projects only the positions some row needs:
+    their union goes in as a 1-D tensor, which every version keeps for every row ([B, U, V]), and
+    each row then picks its own. (A 2-D tensor is read per row only from transformers 5.21 on;
+    earlier heads index ``hidden[:, positions]`` and return [B, B, K, V].) Other models, or an
+    output of any other shape, use the full logits [B, L, V].
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep, index = torch.unique(positions, return_inverse=True)  # [U] sorted, [B, K] into keep
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if logits.shape[:2] == (positions.shape[0], keep.numel()) and logits.ndim == 3:
+            return torch.take_along_dim(logits, index[..., None], dim=1).float()
+    logits = model(**inputs).logits  # [B, L, V]
+    return torch.take_along_dim(logits, positions[..., None], dim=1).float()
+
+
 # ----------------------------------------------------------------------------- local model
 
 
@@ -243,7 +263,6 @@ class LocalVLM:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = max_new_tokens
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def build(cls, model: Any, processor: Any = None, **kwargs) -> "LocalVLM":
@@ -278,12 +297,8 @@ class LocalVLM:
 
     @torch.no_grad()
     def logits_at(self, inputs: dict, positions: Tensor) -> Tensor:
-        """Float32 next-token logits [B, K, V] at token positions [B, K] (only those are projected)."""
-        positions = positions.to(self.device)
-        if self._keeps_logits:
-            return self.model(**inputs, logits_to_keep=positions).logits.float()
-        logits = self.model(**inputs).logits  # [B, L, V]
-        return torch.take_along_dim(logits, positions[..., None], dim=1).float()
+        """Float32 next-token logits [B, K, V] at token positions [B, K] (see :func:`logits_at`)."""
+        return logits_at(self.model, inputs, positions.to(self.device))
 
     def next_token_logits(self, conversations: Sequence[Conversation]) -> Tensor:
         """Logits [B, V] of the first answer token."""

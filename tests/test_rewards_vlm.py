@@ -28,6 +28,7 @@ from rewards.vlm import (
     PromptEcho,
     YesNoJudge,
     byte_tokenizer,
+    logits_at,
     parse_score,
     to_pil_images,
     user_turn,
@@ -341,6 +342,41 @@ def test_local_generation_is_batch_invariant_and_feeds_the_critic(tiny_vlm, samp
     # Random weights answer gibberish: every sample is NaN and counted, the source image travels too.
     out = FirmCritic("execution", model=vlm, max_new_tokens=4)(samples, PROMPTS, source_images=samples)
     assert out.nan_count == len(PROMPTS) == out.extras["unparsable"] + out.extras["out_of_range"]
+
+
+# ----------------------------------------------------------------------------- logits at positions
+
+
+def pre_5_21_head(model):
+    """The same weights behind a head that applies ``logits_to_keep`` as transformers < 5.21 does:
+    ``hidden[:, keep]`` (a 2-D [B, K] keep gives [B, B, K, V])."""
+
+    class IndexingHead(type(model)):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            out = super().forward(*args, **kwargs)  # every position
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            out.logits = out.logits[:, keep]
+            return out
+
+    legacy = IndexingHead(model.config).eval().requires_grad_(False)
+    legacy.load_state_dict(model.state_dict())
+    return legacy
+
+
+def test_logits_at_reads_each_rows_own_positions_on_any_head(tiny_vlm, samples):
+    _, model, processor = tiny_vlm
+    vlm, legacy = LocalVLM(model, processor), LocalVLM(pre_5_21_head(model), processor)
+    inputs = vlm.encode([user_turn([image], p) for image, p in zip(to_pil_images(samples), PROMPTS)])
+    positions = torch.tensor([[2, 9], [9, 4], [0, 2]])  # [B, K], different per row
+    with torch.no_grad():
+        full = model(**inputs).logits  # [B, L, V]
+        assert legacy.model(**inputs, logits_to_keep=positions).logits.shape[:3] == (3, 3, 2)  # the trap
+        for head in (model, legacy.model):
+            got = logits_at(head, inputs, positions)
+            assert got.shape == (3, 2, full.shape[-1])
+            close(got, torch.stack([full[b, positions[b]] for b in range(3)]))
+    close(PromptEcho(legacy)(samples, PROMPTS).scores, PromptEcho(vlm)(samples, PROMPTS).scores)
+    close(YesNoJudge(legacy)(samples, PROMPTS).scores, YesNoJudge(vlm)(samples, PROMPTS).scores)
 
 
 # ----------------------------------------------------------------------------- loading
