@@ -13,8 +13,9 @@ several rewards.
   the prompt (VQAScore), optionally against a reference image (RewardDance style).
 - "artifact_guard" (:class:`ArtifactGuard`): 1 - P(yes | "does this image have artefacts?").
 - "firm_critic" (:class:`FirmCritic`): a generated 1-5 critique score (execution,
-  consistency, instruction following, quality), parsed by :func:`parse_score`; combine two
-  critics with ``base_and_bonus`` (rewards/compose.py).
+  consistency, instruction following, quality) asked with FIRM's released prompts
+  (rewards/prompts/firm.py) or genalign's own wording, parsed by :func:`parse_scores`
+  (FIRM's list answers included); combine two critics with ``base_and_bonus`` (rewards/compose.py).
 
 Generation goes through one seam, ``generate_fn(conversations) -> list[str | None]``, so a
 remote backend can replace the local model: ``LocalVLM.generate`` is one, and so is
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from rewards.base import IMAGE, Reward, RewardOutput, register_reward
 from rewards.http import image_part
-from rewards.parsing import parse_score
+from rewards.parsing import parse_score, parse_scores
 from rewards.shapes import to_uint8_images
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "ArtifactGuard",
     "FirmCritic",
     "parse_score",
+    "parse_scores",
     "to_pil_images",
     "user_turn",
 ]
@@ -499,7 +501,9 @@ class ArtifactGuard(YesNoJudge):
 _ANSWER_FORMAT = (
     "\n\nThink briefly, then give your answer as JSON on the last line, exactly in this form: {format}"
 )
-FIRM_TEMPLATES = {
+# genalign's own wording of the four critics (prompts="genalign"); FIRM's released prompts are in
+# rewards/prompts/firm.py (prompts="firm", the default).
+GENALIGN_TEMPLATES = {
     "execution": (
         "The first image is the original, the second is the result of editing it with the instruction: "
         '"{prompt}".\nRate the EXECUTION of the edit from 1 to 5: are all requested changes present '
@@ -529,30 +533,44 @@ FIRM_TEMPLATES = {
         "or artefacts.\n5 = excellent, 3 = acceptable with visible flaws, 1 = very poor."
     ),
 }
-FIRM_KEYS = {"execution": ("score",), "consistency": ("score",), "instruction": ("score",),
-             "quality": ("aesthetics", "quality", "structure")}
+QUALITY_SUB_SCORES = ("aesthetics", "quality", "structure")  # the order of FIRM's "score" list
 EDIT_CRITICS = ("execution", "consistency")
+# FIRM's generation caps: editing/reward_server (256), generation/flow_grpo/reward_model_server (8192).
+FIRM_MAX_NEW_TOKENS = {"execution": 256, "consistency": 256, "instruction": 8192, "quality": 8192}
+QUALITY_REDUCTIONS = ("min", "mean")
 
 
 @register_reward("firm_critic")
 class FirmCritic(Reward):
-    """FIRM-style critic ("Trust Your Critic"): a generated 1-5 judgement, parsed.
+    """FIRM critic ("Trust Your Critic"): a generated 1-5 judgement, parsed.
 
     critic:  "execution" / "consistency" (editing: the source image goes first, pass
              ``source_images=[B, 3, H, W]`` at call time; prompts are edit instructions),
              "instruction" (generation: requirement-by-requirement prompt following) or
-             "quality" (generation, prompt-free: aesthetics, quality, structure sub-scores;
-             the score is their minimum).
+             "quality" (generation, prompt-free: aesthetics, quality, structure sub-scores).
+    prompts: "firm" (default): FIRM's released prompts (rewards/prompts/firm.py, from
+             VisionXLab/FIRM-Reward), the ones FIRM-Edit-8B / FIRM-Gen-8B were trained on, with
+             their answer formats: ``"score" : [N]`` (editing), ``\\boxed{N}`` after a
+             requirement-by-requirement analysis (instruction), ``"score" : [a, b, c]`` (quality).
+             "genalign": genalign's own shorter wording, asking for JSON with named keys.
+    template: replaces the critic's prompt (``{prompt}`` and ``{requirement}`` are filled); with
+             prompts="genalign" the JSON answer format is appended, with "firm" it is used as is.
+    reduce:  how the quality critic's three sub-scores become its score: "min" (default; FIRM's
+             QMA reward, generation/flow_grpo/reward_model_server.py) or "mean" (FIRM's legacy
+             total, their sum, on the 1-5 scale).
     Backend: ``model`` (+ ``processor``) loads or wraps a local VLM (greedy decoding, up to
-    ``max_new_tokens``), or ``generate_fn(conversations) -> list[str]`` is any other backend
-    (e.g. ``rewards.http.ChatCompletionsClient(...).generate``); give exactly one.
-    template: overrides the critic's prompt (``{prompt}`` is replaced); the JSON answer format
-             is appended to it.
+    ``max_new_tokens``, default FIRM's caps: 256 editing, 8192 generation), or
+    ``generate_fn(conversations) -> list[str]`` is any other backend (e.g.
+    ``rewards.http.ChatCompletionsClient(...).generate``); give exactly one.
+    Call-time ``requirements=[str] * B`` fills FIRM-Gen's "Additional Requirement" (default empty).
 
-    Raw range [1, 5] (FIRM-Gen / FIRM-Edit scale): normalise with (s - 1) / 4, as
-    ``base_and_bonus`` does (QMA: R = I (0.4 + 0.6 Q); CME: R = E (0.6 + 0.4 C)). An answer
-    with no parsable score, one outside [1, 5], or none at all (a failed request: None) scores
-    NaN and is counted.
+    Parsing (:func:`rewards.parsing.parse_scores`): a number, a one-element list (a longer list:
+    its first number, as FIRM's servers read it), ``\\boxed{N}`` or ``Final Alignment Rating: N``;
+    the quality critic needs exactly three sub-scores (FIRM's list, or the named keys of the
+    genalign wording). Raw range [1, 5] (FIRM-Gen / FIRM-Edit scale): normalise with
+    (s - 1) / 4, as ``base_and_bonus`` does (QMA: R = I (0.4 + 0.6 Q); CME: R = E (0.6 + 0.4 C)).
+    An answer with no parsable score, one outside [1, 5], or none at all (a failed request: None)
+    scores NaN and is counted.
     extras: "texts" (the raw answers), "no_answer", "unparsable" and "out_of_range" (counts) and, for
     "quality", the sub-scores [B] by name.
     """
@@ -561,27 +579,37 @@ class FirmCritic(Reward):
     modalities = (IMAGE,)
 
     def __init__(self, critic: str = "instruction", model: Any = None, processor: Any = None, *,
-                 generate_fn: GenerateFn | None = None, template: str | None = None,
-                 max_new_tokens: int = 512, device=None, dtype=None, batch_size: int = 8,
-                 name: str = "firm_critic"):
-        if critic not in FIRM_TEMPLATES:
-            raise ValueError(f"{name}: critic must be one of {sorted(FIRM_TEMPLATES)}, got {critic!r}")
+                 generate_fn: GenerateFn | None = None, prompts: str = "firm", template: str | None = None,
+                 reduce: str = "min", max_new_tokens: int | None = None, device=None, dtype=None,
+                 batch_size: int = 8, name: str = "firm_critic"):
+        from rewards.prompts.firm import FIRM_PROMPTS
+
+        if critic not in FIRM_PROMPTS:
+            raise ValueError(f"{name}: critic must be one of {sorted(FIRM_PROMPTS)}, got {critic!r}")
+        if prompts not in ("firm", "genalign"):
+            raise ValueError(f"{name}: prompts must be 'firm' or 'genalign', got {prompts!r}")
+        if reduce not in QUALITY_REDUCTIONS:
+            raise ValueError(f"{name}: reduce must be one of {list(QUALITY_REDUCTIONS)}, got {reduce!r}")
         if (model is None) == (generate_fn is None):
             raise ValueError(f"{name}: give exactly one of model= (a local VLM) or generate_fn=")
         if batch_size < 1:
             raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
-        self.critic, self.name, self.batch_size = critic, name, batch_size
-        self.keys = FIRM_KEYS[critic]
+        self.critic, self.prompts, self.reduce, self.name, self.batch_size = critic, prompts, reduce, name, batch_size
+        self.sub_scores = QUALITY_SUB_SCORES if critic == "quality" else ("score",)
         self.requires_prompts = critic != "quality"
-        answer = "{" + ", ".join(f'"{k}": <1-5>' for k in self.keys) + "}"
-        self.template = (template or FIRM_TEMPLATES[critic]) + _ANSWER_FORMAT.replace("{format}", answer)
+        if prompts == "firm":
+            self.template = template or FIRM_PROMPTS[critic]
+        else:
+            answer = "{" + ", ".join(f'"{k}": <1-5>' for k in self.sub_scores) + "}"
+            self.template = (template or GENALIGN_TEMPLATES[critic]) + _ANSWER_FORMAT.replace("{format}", answer)
         if generate_fn is None:
             vlm = LocalVLM.build(model, processor, device=device, dtype=dtype)
-            generate_fn = lambda conversations: vlm.generate(conversations, max_new_tokens)  # noqa: E731
+            tokens = max_new_tokens or FIRM_MAX_NEW_TOKENS[critic]
+            generate_fn = lambda conversations: vlm.generate(conversations, tokens)  # noqa: E731
         self.generate_fn = generate_fn
 
-    def conversations(self, samples: Tensor, prompts: Sequence[str] | None,
-                      source_images: Tensor | None = None) -> list[Conversation]:
+    def conversations(self, samples: Tensor, prompts: Sequence[str] | None, source_images: Tensor | None = None,
+                      requirements: Sequence[str] | None = None) -> list[Conversation]:
         """The critic's OpenAI-format chat messages for a batch (what ``generate_fn`` receives)."""
         images = [[image] for image in to_uint8_images(samples)]
         if self.critic in EDIT_CRITICS:
@@ -591,12 +619,28 @@ class FirmCritic(Reward):
             _check_images(source_images, samples.shape[0], f"{self.name} source_images=")
             images = [[source, *edited] for source, edited in zip(to_uint8_images(source_images), images)]
         prompts = prompts if prompts is not None else [None] * len(images)
-        return [[{"role": "user", "content": [image_part(image) for image in pair]
-                  + [{"type": "text", "text": _fill(self.template, prompt)}]}]
-                for pair, prompt in zip(images, prompts)]
+        requirements = requirements if requirements is not None else [""] * len(images)
+        if len(requirements) != len(images):
+            raise ValueError(f"{self.name}: got {len(requirements)} requirements for {len(images)} samples")
+        texts = [_fill(self.template, prompt).replace("{requirement}", requirement)
+                 for prompt, requirement in zip(prompts, requirements)]
+        return [[{"role": "user", "content": [image_part(image) for image in pair] + [{"type": "text", "text": text}]}]
+                for pair, text in zip(images, texts)]
 
-    def score(self, samples, prompts, source_images: Tensor | None = None, **kwargs) -> RewardOutput:
-        conversations = self.conversations(samples, prompts, source_images)
+    def sub_scores_of(self, text: str | None) -> list[float] | None:
+        """The critic's sub-scores in ``text`` (one for single-score critics), or None."""
+        if self.critic != "quality":
+            score = parse_score(text, "score", reduce="first")
+            return None if score is None else [score]
+        if self.prompts == "firm":
+            values = parse_scores(text, "score")
+            return values if values is not None and len(values) == len(QUALITY_SUB_SCORES) else None
+        values = [parse_score(text, key) for key in QUALITY_SUB_SCORES]
+        return None if None in values else values
+
+    def score(self, samples, prompts, source_images: Tensor | None = None,
+              requirements: Sequence[str] | None = None, **kwargs) -> RewardOutput:
+        conversations = self.conversations(samples, prompts, source_images, requirements)
         texts: list[str | None] = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start:start + self.batch_size]
@@ -605,21 +649,20 @@ class FirmCritic(Reward):
                 raise ValueError(f"{self.name}: generate_fn returned {len(answers)} answers for {len(chunk)} inputs")
             texts += answers
         low, high = self.raw_range
-        sub_scores = {key: torch.full((len(texts),), math.nan) for key in self.keys}
+        subs = torch.full((len(self.sub_scores), len(texts)), math.nan)  # [S, B]
         no_answer = unparsable = out_of_range = 0
         for i, text in enumerate(texts):
-            values = [parse_score(text, key) for key in self.keys]
+            values = self.sub_scores_of(text)
             if text is None:
                 no_answer += 1
-            elif any(v is None for v in values):
+            elif values is None:
                 unparsable += 1
             elif any(not low <= v <= high for v in values):
                 out_of_range += 1
             else:
-                for key, value in zip(self.keys, values):
-                    sub_scores[key][i] = value
-        scores = torch.stack(list(sub_scores.values())).amin(0)  # [B]; NaN if any sub-score is NaN
+                subs[:, i] = torch.tensor(values)
+        scores = subs.mean(0) if self.reduce == "mean" else subs.amin(0)  # [B]; NaN if any sub-score is NaN
         extras = {"texts": texts, "no_answer": no_answer, "unparsable": unparsable, "out_of_range": out_of_range}
         if self.critic == "quality":
-            extras.update(sub_scores)
+            extras.update(dict(zip(self.sub_scores, subs)))
         return RewardOutput(scores, extras)

@@ -7,6 +7,7 @@ family's image processor at a fixed small size; and a 1-layer, 32-wide model fro
 """
 
 import base64
+import hashlib
 import io
 import math
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from rewards import BaseAndBonus, build_reward, registered_rewards
+from rewards.prompts.firm import FIRM_PROMPTS
 from rewards.vlm import (
     ARTIFACT_TEMPLATE,
     DESCRIBE_QUERY,
@@ -30,6 +32,7 @@ from rewards.vlm import (
     byte_tokenizer,
     logits_at,
     parse_score,
+    parse_scores,
     to_pil_images,
     user_turn,
 )
@@ -256,10 +259,34 @@ def test_artifact_guard_is_one_minus_p_yes_and_shares_a_model(qwen, samples):
         (" 3.5.\n", "score", 3.5),
         ("4", "quality", None),
         ('{"score": 4', "score", 4.0),  # truncated JSON: free text still reads it
+        # FIRM's trained answer formats (VisionXLab/FIRM-Reward prompt templates)
+        ('{"score": [4]}', "score", 4.0),
+        ('"score" : [4]', "score", 4.0),
+        ('{\n"reasoning" : "The hat is red, as asked.",\n"score" : [4]\n}', "score", 4.0),
+        ('{\n  "score" : [4, 2, 5],\n  "reasoning" : "..."\n}', "score", None),  # several: no reduce given
+        ('"score": [4, 2, 5]', "score", None),
+        ("**Final Alignment Rating: 3**\n\\boxed{3}", "score", 3.0),
+        ("**Final Alignment Rating: [2]**", "score", 2.0),
+        ("\\boxed{[4]}", "score", 4.0),
+        ("\\\\boxed{5}", "score", 5.0),  # the template's doubled backslash, echoed
+        ('"score" : [1/2/3/4/5]', "score", None),  # the unfilled template is no answer
+        ("**Final Alignment Rating: [Rating]**\n\\boxed{[Rating]}", "score", None),
+        ('{"score": []}', "score", None),
+        ('{"score": [4, "high"]}', "score", None),
     ],
 )
 def test_parse_score(text, key, expected):
     assert parse_score(text, key) == expected
+
+
+def test_parse_scores_lists_and_reductions():
+    quality = '{\n  "score" : [4, 2, 5],\n  "reasoning" : "sharp, a little flat"\n}'
+    assert parse_scores(quality) == [4.0, 2.0, 5.0] and parse_scores('"score": [4, 2, 5]') == [4.0, 2.0, 5.0]
+    assert parse_scores('{"score": [4]}') == [4.0] == parse_scores("Final Score: 4")
+    assert [parse_score(quality, reduce=r) for r in ("first", "min", "max", "mean")] == [4.0, 2.0, 5.0, 11 / 3]
+    assert parse_score('{"score": [3]}', reduce="min") == 3.0 and parse_scores("no score") is None
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        parse_score(quality, reduce="median")
 
 
 def decode_parts(conversation):
@@ -283,7 +310,8 @@ class FakeBackend:
 
 def test_firm_instruction_critic_parses_and_counts_failures(samples):
     backend = FakeBackend(['{"score": 5}', "I cannot tell.", "Final Score: 9"])
-    critic = build_reward({"name": "firm_critic", "critic": "instruction", "generate_fn": backend, "batch_size": 2})
+    critic = build_reward({"name": "firm_critic", "critic": "instruction", "prompts": "genalign",
+                           "generate_fn": backend, "batch_size": 2})
     out = critic(samples, PROMPTS)
     close(out.scores, [5.0, math.nan, math.nan])
     assert out.nan_count == 2 and out.extras["unparsable"] == 1 and out.extras["out_of_range"] == 1
@@ -295,7 +323,7 @@ def test_firm_instruction_critic_parses_and_counts_failures(samples):
 
 def test_firm_quality_critic_takes_the_minimum_and_needs_no_prompt(samples):
     answers = ['{"aesthetics": 4, "quality": 2, "structure": 5}', '{"aesthetics": 4, "quality": 3}', None]
-    out = FirmCritic("quality", generate_fn=FakeBackend(answers))(samples)
+    out = FirmCritic("quality", generate_fn=FakeBackend(answers), prompts="genalign")(samples)
     close(out.scores, [2.0, math.nan, math.nan])
     close(out.extras["quality"], [2.0, math.nan, math.nan])
     assert out.extras["unparsable"] == 1 and out.extras["no_answer"] == 1
@@ -303,7 +331,7 @@ def test_firm_quality_critic_takes_the_minimum_and_needs_no_prompt(samples):
 
 def test_firm_edit_critic_sends_source_first(samples):
     backend = FakeBackend(['{"score": 4}'] * 3)
-    critic = FirmCritic("consistency", generate_fn=backend)
+    critic = FirmCritic("consistency", generate_fn=backend, prompts="genalign")
     with pytest.raises(ValueError, match="source_images"):
         critic(samples, PROMPTS)
     out = critic(samples, PROMPTS, source_images=samples.flip(0))
@@ -311,6 +339,51 @@ def test_firm_edit_critic_sends_source_first(samples):
     images, question = decode_parts(backend.seen[0])
     assert len(images) == 2 and np.array_equal(images[0], to_pil_images(samples[-1:])[0])
     assert "UNINTENDED" in question and PROMPTS[0] in question
+
+
+# SHA-256 of FIRM's released templates as the critics read them (str.format applied, placeholders kept),
+# checked against VisionXLab/FIRM-Reward@575b7159dd1088f1add26afbde72f1e184a3880a.
+FIRM_PROMPT_SHA256 = {
+    "execution": "4bb06e81f40f25f5cd82c893468a56395b9ba625cd9baa73e206c39e5c3d3c2d",
+    "consistency": "45716ea82c941cf9c9cd2795e017fd16f225ea9ecfee7e70b59783a0ecade279",
+    "instruction": "51c50e99090b8c23b7bb1f44a4071e77d5966b3ffb682720150852acd6f00eb8",
+    "quality": "1b39d8349a06fe07b717301ee968011a38a112f1fe675167e7cb44fb7b34bfd4",
+}
+
+
+def test_firm_prompts_are_the_released_text():
+    assert {k: hashlib.sha256(v.encode()).hexdigest() for k, v in FIRM_PROMPTS.items()} == FIRM_PROMPT_SHA256
+    assert all("{prompt}" in FIRM_PROMPTS[k] for k in ("execution", "consistency", "instruction"))
+    assert "{prompt}" not in FIRM_PROMPTS["quality"] and "{requirement}" in FIRM_PROMPTS["instruction"]
+    assert not any("{{" in t for t in FIRM_PROMPTS.values())  # rendered: escaped braces are single
+
+
+def test_firm_critics_send_firms_prompts_and_read_firms_answers(samples):
+    edit = FakeBackend(['{\n"reasoning" : "Hat added.",\n"score" : [5]\n}', '"score" : [2]', '"score" : [1/2/3/4/5]'])
+    out = FirmCritic("execution", generate_fn=edit)(samples, PROMPTS, source_images=samples.flip(0))
+    close(out.scores, [5.0, 2.0, math.nan])
+    assert out.extras["unparsable"] == 1
+    images, question = decode_parts(edit.seen[1])
+    assert len(images) == 2 and question == FIRM_PROMPTS["execution"].replace("{prompt}", PROMPTS[1])
+
+    report = "Let's evaluate the image against the Original Prompt:\n...\n**Final Alignment Rating: {0}**\n\\boxed{{{0}}}"
+    instruction = FakeBackend([report.format(4), report.format(1), "**Final Alignment Rating: [3]**"])
+    out = FirmCritic("instruction", generate_fn=instruction)(samples, PROMPTS, requirements=["", "", "no text"])
+    close(out.scores, [4.0, 1.0, 3.0])
+    images, question = decode_parts(instruction.seen[2])
+    assert len(images) == 1 and question == (FIRM_PROMPTS["instruction"].replace("{prompt}", PROMPTS[2])
+                                             .replace("{requirement}", "no text"))
+    assert decode_parts(instruction.seen[0])[1].endswith("### Additional Requirement (if any)\n\n")
+
+    answers = ['{\n  "score" : [4, 2, 5],\n  "reasoning" : "..."\n}', '{"score": [4, 2]}', '{"score": [4, 2, 7]}']
+    out = FirmCritic("quality", generate_fn=FakeBackend(answers))(samples)
+    close(out.scores, [2.0, math.nan, math.nan])
+    close(torch.stack([out.extras[k] for k in ("aesthetics", "quality", "structure")])[:, 0], [4.0, 2.0, 5.0])
+    assert out.extras["unparsable"] == 1 and out.extras["out_of_range"] == 1
+    mean = FirmCritic("quality", generate_fn=FakeBackend(answers), reduce="mean")(samples)
+    close(mean.scores, [11 / 3, math.nan, math.nan])
+    assert FirmCritic("quality", generate_fn=FakeBackend([])).conversations(samples, None)[0][0]["content"][-1][
+        "text"] == FIRM_PROMPTS["quality"]
 
 
 def test_firm_critic_arguments(qwen, samples):
@@ -322,14 +395,22 @@ def test_firm_critic_arguments(qwen, samples):
         FirmCritic("style", generate_fn=FakeBackend([]))
     with pytest.raises(ValueError, match="returned 1 answers for 3"):
         FirmCritic(generate_fn=lambda conversations: ["4"])(samples, PROMPTS)
+    with pytest.raises(ValueError, match="prompts must be"):
+        FirmCritic(generate_fn=FakeBackend([]), prompts="mine")
+    with pytest.raises(ValueError, match="reduce must be"):
+        FirmCritic("quality", generate_fn=FakeBackend([]), reduce="max")
+    with pytest.raises(ValueError, match="2 requirements for 3"):
+        FirmCritic(generate_fn=FakeBackend([]))(samples, PROMPTS, requirements=["a", "b"])
 
 
 def test_firm_qma_base_and_bonus(samples):
-    instruction = FirmCritic("instruction", generate_fn=FakeBackend(['{"score": 5}', '{"score": 3}', "?"]))
-    quality = FirmCritic("quality", generate_fn=FakeBackend(
-        ['{"aesthetics": 3, "quality": 4, "structure": 5}'] * 3))
+    instruction = FirmCritic("instruction", generate_fn=FakeBackend(["\\boxed{5}", '{"score": [3]}', "?"]))
+    quality = FirmCritic("quality", generate_fn=FakeBackend(['{"score" : [3, 4, 5], "reasoning" : ""}'] * 3))
     out = BaseAndBonus(instruction, quality, mode="qma")(samples, PROMPTS)
     close(out.scores, [1.0 * (0.4 + 0.6 * 0.5), 0.5 * (0.4 + 0.6 * 0.5), math.nan])
+    genalign = FirmCritic("quality", prompts="genalign", generate_fn=FakeBackend(
+        ['{"aesthetics": 3, "quality": 4, "structure": 5}'] * 3))
+    close(genalign(samples).scores, [3.0] * 3)
 
 
 def test_local_generation_is_batch_invariant_and_feeds_the_critic(tiny_vlm, samples):
