@@ -4,7 +4,8 @@
   batch or within each prompt group (decoupled multi-reward normalisation: each reward is
   standardised on its own before weighting, so one reward's scale cannot drown the others).
 - :class:`BaseAndBonus`: FIRM multiplicative gating (CME for editing, QMA for generation).
-- :class:`Ensemble`: mean, worst case (min) or uncertainty-penalised mean - lambda * std.
+- :class:`Ensemble`: mean, worst case (min), UWO (mean - lambda * variance across members,
+  Coste et al. 2023) or mean - lambda * std, optionally on per-member z-scores.
 
 NaN (a member could not score a sample) is handled explicitly by ``nan_policy``:
 ``"propagate"`` (default) makes the composite NaN for that sample; ``"ignore"`` combines the
@@ -272,44 +273,70 @@ class BaseAndBonus(_Composite):
 
 @register_reward("ensemble")
 class Ensemble(_Composite):
-    """Ensemble of rewards on COMPARABLE scales (same model family or pre-normalised):
+    """Ensemble of rewards on COMPARABLE scales (same model family, pre-normalised, or z-scored
+    here with ``normalize``). Over the M members' scores r_i of a sample:
 
     - "mean":           R = mean_i r_i
-    - "min":            R = min_i r_i (worst case: a sample must satisfy every member)
-    - "mean_minus_std": R = mean_i r_i - lam * std_i r_i (population std over members;
-                        penalises samples the members disagree on, i.e. uncertain ones)
+    - "min":            R = min_i r_i (worst-case optimisation, WCO: every member must agree)
+    - "uwo":            R = mean_i r_i - lam * var_i r_i, var the population variance over the
+                        members, (1/M) sum_i (r_i - mean)^2: uncertainty-weighted optimisation
+                        as published (Coste et al. 2023, "Reward model ensembles help mitigate
+                        overoptimization", arXiv 2310.02743). Their members are normalised
+                        reward models, so their lam values assume unit-scale members: use
+                        ``normalize`` unless the members already share such a scale.
+    - "mean_minus_std": R = mean_i r_i - lam * std_i r_i (population std; not the paper's UWO:
+                        lam is on the reward scale, not its square)
 
-    Ensembles mitigate reward hacking but do not remove it when members share error
-    patterns. nan_policy: "propagate" (any NaN member -> NaN) or "ignore" (combine the
-    members that scored the sample; NaN if none did). Raw range: the hull of the members'
-    ranges (lowered by lam * half its width for mean_minus_std). extras: members' raw scores
-    by name, "mean" and "std" [B].
+    normalize:  "none" (raw member scores), "batch" (z-score each member over the batch) or
+                "group" (within each prompt group; needs ``group_ids=Tensor[B]``), before
+                combining (population std, NaN excluded; see :func:`zscore`).
+    nan_policy: "propagate" (any NaN member -> NaN) or "ignore" (combine the members that
+                scored the sample; NaN if none did).
+
+    Ensembles mitigate reward hacking but do not remove it when members share error patterns.
+    Raw range: the hull [low, high] of the members' ranges, lowered by lam * (high - low) / 2
+    ("mean_minus_std") or lam * ((high - low) / 2)^2 ("uwo"), the largest std / variance of
+    values in it; unbounded with ``normalize``. extras: members' raw scores by name,
+    "<name>/normalized" (if normalising), "mean", "var" and "std" [B].
     """
+
+    MODES = ("mean", "min", "uwo", "mean_minus_std")
 
     def __init__(
         self,
         members: Sequence[Any],
-        mode: Literal["mean", "min", "mean_minus_std"] = "mean",
+        mode: Literal["mean", "min", "uwo", "mean_minus_std"] = "mean",
         lam: float = 1.0,
+        normalize: Literal["none", "batch", "group"] = "none",
         nan_policy: NanPolicy = "propagate",
+        eps: float = 1e-6,
         name: str = "ensemble",
     ):
         if not members:
             raise ValueError("Ensemble needs at least one member")
         self.name = name
-        self.mode = _check_choice(mode, ("mean", "min", "mean_minus_std"), "Ensemble mode")
+        self.mode = _check_choice(mode, self.MODES, "Ensemble mode")
+        self.normalize = _check_choice(normalize, ("none", "batch", "group"), "Ensemble normalize")
         self.nan_policy = _check_choice(nan_policy, ("propagate", "ignore"), "Ensemble nan_policy")
-        self.lam = float(lam)
+        self.lam, self.eps = float(lam), eps
         self._set_members([build_reward(m) for m in members])
         low = min(m.raw_range[0] for m in self.members)
         high = max(m.raw_range[1] for m in self.members)
-        if self.mode == "mean_minus_std":
-            low = low - self.lam * (high - low) / 2
-        self.raw_range = (low, high)
+        spread = {"mean_minus_std": (high - low) / 2, "uwo": ((high - low) / 2) ** 2}.get(self.mode, 0.0)
+        if self.lam != 0 and spread:
+            low = low - self.lam * spread
+        self.raw_range = (low, high) if self.normalize == "none" else (-math.inf, math.inf)
 
-    def score(self, samples, prompts, **kwargs) -> RewardOutput:
-        outputs = self._score_members(samples, prompts, **kwargs)
+    def score(self, samples, prompts, group_ids=None, **kwargs) -> RewardOutput:
+        if self.normalize == "group" and group_ids is None:
+            raise ValueError(f"{self.name}: normalize='group' needs group_ids=Tensor[B] (prompt group of each sample)")
+        outputs = self._score_members(samples, prompts, group_ids=group_ids, **kwargs)
+        extras = self._member_extras(outputs, self.member_names)
         stacked = torch.stack([o.scores.to(samples.device) for o in outputs])  # [M, B]
+        if self.normalize != "none":
+            stacked = torch.stack([zscore(r, group_ids if self.normalize == "group" else None, self.eps)
+                                   for r in stacked])
+            extras.update({f"{name}/normalized": r.detach() for name, r in zip(self.member_names, stacked)})
         present = ~torch.isnan(stacked)  # [M, B]
         if self.nan_policy == "propagate":
             present = present.all(0, keepdim=True).expand_as(stacked)
@@ -322,10 +349,11 @@ class Ensemble(_Composite):
             total = mean
         elif self.mode == "min":
             total = torch.where(present, stacked, torch.full_like(stacked, math.inf)).amin(0)
+        elif self.mode == "uwo":
+            total = mean - self.lam * var
         else:
             total = mean - self.lam * std
         total = torch.where(n > 0, total, torch.full_like(total, math.nan))
-        extras = self._member_extras(outputs, self.member_names)
-        extras.update({"mean": torch.where(n > 0, mean, torch.nan).detach(),
-                       "std": torch.where(n > 0, std, torch.nan).detach()})
+        extras.update({key: torch.where(n > 0, value, torch.nan).detach()
+                       for key, value in (("mean", mean), ("var", var), ("std", std))})
         return RewardOutput(total, extras)

@@ -367,6 +367,42 @@ def test_ensemble_modes_by_hand():
     assert Ensemble(members, "mean_minus_std", lam=1.0).raw_range == (-0.5, 1.0)
 
 
+def test_ensemble_uwo_is_mean_minus_lambda_population_variance():
+    """Coste et al. 2023 UWO, by hand: R = mean_i r_i - lam * (1/M) sum_i (r_i - mean)^2."""
+    members = [Fixed([0.2, 0.9, 0.5], "m1", (0, 1)), Fixed([0.4, 0.1, 0.5], "m2", (0, 1)),
+               Fixed([0.6, 0.5, NAN], "m3", (0, 1))]
+    # sample 0: mean 0.4, var (0.04 + 0 + 0.04) / 3; sample 1: mean 0.5, var (0.16 + 0.16 + 0) / 3
+    out = Ensemble(members, "uwo", lam=0.5)(blank(3))
+    close(out.scores, [0.4 - 0.5 * 0.08 / 3, 0.5 - 0.5 * 0.32 / 3, NAN])
+    close(out.scores[:2], [0.386667, 0.446667])
+    close(out.extras["var"], [0.08 / 3, 0.32 / 3, NAN])
+    close(Ensemble(members, "uwo", lam=0.5, nan_policy="ignore")(blank(3)).scores[2:], [0.5])
+    # the std form keeps its own name and differs: lam * 0.163 vs lam * 0.027 on sample 0
+    close(Ensemble(members, "mean_minus_std", lam=0.5)(blank(3)).scores[:1], [0.4 - 0.5 * math.sqrt(0.08 / 3)])
+    assert Ensemble(members, "uwo", lam=2.0).raw_range == (-0.5, 1.0)  # largest variance on [0, 1]: 1/4
+
+
+def test_ensemble_uwo_on_z_scored_members():
+    # members on scales 1-3 and 10-30: z-scores over the batch (population std) are
+    # [-1.2247, 0, 1.2247] and [-1.2247, 1.2247, 0] (1.2247 = sqrt(1.5))
+    members = [Fixed([1.0, 2.0, 3.0], "small"), Fixed([10.0, 30.0, 20.0], "large")]
+    out = Ensemble(members, "uwo", lam=1.0, normalize="batch")(blank(3))
+    close(out.extras["small/normalized"], [-1.224745, 0.0, 1.224745])
+    close(out.extras["var"], [0.0, 0.375, 0.375])  # (sqrt(1.5) / 2)^2
+    close(out.scores, [-1.224745, 0.612372 - 0.375, 0.612372 - 0.375])
+    raw = Ensemble(members, "uwo", lam=1.0)(blank(3))  # unnormalised, the large member's spread dominates
+    close(raw.scores, [5.5 - 20.25, 16.0 - 196.0, 11.5 - 72.25])
+    groups = torch.tensor([0, 0, 1])
+    grouped = Ensemble(members, "uwo", normalize="group")(blank(3), group_ids=groups)
+    close(grouped.extras["large/normalized"], [-1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="group_ids"):
+        Ensemble(members, "uwo", normalize="group")(blank(3))
+    assert Ensemble(members, "uwo", normalize="batch").raw_range == (-math.inf, math.inf)
+    spec = build_reward({"type": "ensemble", "mode": "uwo", "lam": 0.5, "normalize": "batch",
+                         "members": [{"name": "shapes_saturation"}, {"name": "shapes_saturation"}]})
+    assert spec.mode == "uwo" and spec.member_names == ["shapes_saturation", "shapes_saturation_2"]
+
+
 def test_reward_output_and_composites_are_differentiable_when_members_are():
     out = RewardOutput([1.0, None])
     assert out.scores.dtype == torch.float32 and out.nan_count == 1
