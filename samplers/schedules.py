@@ -12,7 +12,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["shift_sigmas", "flow_sigmas", "exponential_time_shift", "image_seq_len_shift_mu", "flux_sigmas"]
+__all__ = ["shift_sigmas", "flow_sigmas", "exponential_time_shift", "image_seq_len_shift_mu", "flux_sigmas",
+           "scheduler_sigmas"]
 
 
 def shift_sigmas(sigmas: torch.Tensor | float, shift: float) -> torch.Tensor | float:
@@ -96,3 +97,30 @@ def flux_sigmas(
     sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
     sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32)
     return torch.cat([sigmas, torch.zeros(1)]).to(device)
+
+
+def scheduler_sigmas(
+    scheduler,
+    num_steps: int,
+    sigmas=None,
+    mu: float | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The float32 [num_steps + 1] sigmas (final 0) a diffusers flow scheduler sets for a pipeline
+    call: `set_timesteps(num_steps, mu=mu)`, or `set_timesteps(sigmas=sigmas, mu=mu)` when the
+    pipeline passes its own sigma grid (FLUX: linspace(1, 1/S, S)). A fresh scheduler is built
+    from `scheduler`'s config, so the caller's scheduler state is untouched and the result is the
+    pipeline's bit for bit (dynamic shift, `shift_terminal` and the rest come from the config).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    fresh = type(scheduler).from_config(scheduler.config)
+    kwargs = {} if mu is None else {"mu": mu}
+    if sigmas is None:
+        fresh.set_timesteps(num_steps, **kwargs)
+    else:
+        fresh.set_timesteps(sigmas=sigmas, **kwargs)
+    out = fresh.sigmas.to(torch.float32)
+    if out.numel() != num_steps + 1:
+        raise ValueError(f"scheduler {type(scheduler).__name__} set {out.numel() - 1} steps, expected {num_steps}")
+    return out.to(device)

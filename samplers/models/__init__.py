@@ -14,6 +14,24 @@ from .sd3 import SD3Adapter, SD3Cond
 from .wan import WanAdapter, WanCond
 
 FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter, "WanPipeline": WanAdapter}
+# pipeline class (model_index.json's _class_name) -> "module:Adapter", imported on first use
+LAZY_FAMILIES = {
+    "FluxPipeline": "flux:FluxAdapter",
+    "FluxKontextPipeline": "flux:FluxKontextAdapter",
+}
+
+
+def family_adapter(pipeline_class: str):
+    """The adapter class for a diffusers pipeline class name; a clear error for any other."""
+    if pipeline_class in FAMILIES:
+        return FAMILIES[pipeline_class]
+    if pipeline_class not in LAZY_FAMILIES:
+        raise ValueError(f"unsupported pipeline class {pipeline_class!r}; supported: "
+                         f"{sorted([*FAMILIES, *LAZY_FAMILIES])}")
+    import importlib
+
+    module, name = LAZY_FAMILIES[pipeline_class].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
@@ -31,13 +49,15 @@ def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
         index = root / "model_index.json"
         if index.is_file():
             name = json.loads(index.read_text()).get("_class_name", "")
-            if name not in FAMILIES:
-                raise ValueError(f"{root}: unsupported pipeline class {name!r}; supported: {sorted(FAMILIES)}")
-            return FAMILIES[name].from_pretrained(root, device=device, **kwargs)
+            try:
+                adapter = family_adapter(name)
+            except ValueError as error:
+                raise ValueError(f"{root}: {error}") from None
+            return adapter.from_pretrained(root, device=device, **kwargs)
         if (root / "transformer").is_dir():  # saved by genalign without model_index.json
             return SD3Adapter.from_pretrained(root, device=device, **kwargs)
         raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
     return SD3Adapter.from_pretrained(str(spec), device=device, **kwargs)
 
 
-__all__ = ["SD3Adapter", "SD3Cond", "load_model", "FAMILIES"]
+__all__ = ["SD3Adapter", "SD3Cond", "load_model", "FAMILIES", "LAZY_FAMILIES", "family_adapter"]

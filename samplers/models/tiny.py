@@ -1,0 +1,99 @@
+"""Tiny random adapters of every diffusers family, built from configs (tests and benchmarks).
+
+Each builder returns a seeded, freshly initialised adapter whose components are the real
+classes of that family's checkpoints at toy width (one or two layers, 8-32 channels), small
+enough for CPU tests against the family's diffusers pipeline. Tokenizers are offline: the CLIP
+BPE rebuilt from open_clip's merges (clip_tokenizer.py) and the vocabulary-free ByT5 tokenizer
+for T5-style encoders, so nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_LENGTH = 16  # tokens of every tiny tokenizer (CLIP model_max_length, T5 max_sequence_length)
+
+
+def tiny_clip_text(width: int = 32, seed: int | None = None):
+    """`CLIPTextModel` (pooled output) with the offline CLIP tokenizer of TEXT_LENGTH tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_tokenizer import build_clip_tokenizer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=TEXT_LENGTH, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407, hidden_act="gelu")
+    return CLIPTextModel(config), build_clip_tokenizer(TEXT_LENGTH)
+
+
+def tiny_t5(width: int = 32):
+    """`T5EncoderModel` with the ByT5 tokenizer (bytes, no vocabulary file)."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=384, d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    return T5EncoderModel(config), ByT5Tokenizer()
+
+
+def tiny_image_vae(latent_channels: int = 4, scaling_factor: float = 0.9, shift_factor: float = 0.1):
+    """`AutoencoderKL` with 2x spatial compression (FLUX-style scaling and shift factors)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=8, mid_block_add_attention=False,
+                         sample_size=16, scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def flux_scheduler():
+    """FLUX.1-dev's scheduler config: dynamic (exponential) shift, mu from the token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def tiny_flux(seed: int = 0, kontext: bool = False, guidance_embeds: bool = True):
+    """FLUX.1-dev (or Kontext) at toy size: 16 px native images, 8x8 latents of 4 channels,
+    2x2 packed into 16 tokens; one double and one single block."""
+    from diffusers import FluxTransformer2DModel
+
+    from .flux import FluxAdapter, FluxKontextAdapter
+
+    torch.manual_seed(seed)
+    clip, clip_tokenizer = tiny_clip_text(32)
+    t5, t5_tokenizer = tiny_t5(32)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    components = dict(scheduler=flux_scheduler(), vae=tiny_image_vae(), text_encoder=clip, tokenizer=clip_tokenizer,
+                      text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    cls = FluxKontextAdapter if kontext else FluxAdapter
+    defaults = {"num_steps": 4, "resolution": 16}
+    return cls(components, defaults=defaults, max_sequence_length=TEXT_LENGTH).eval().requires_grad_(False)
+
+
+def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.875):
+    """Wan2.2 A14B at toy size: two `WanTransformer3DModel` experts (high / low noise, different
+    weights), `AutoencoderKLWan` (2x time, 2x space), UMT5 + ByT5 tokenizer; 5 frames of 16 px."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from .wan import WanAdapter
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0],
+                           scale_factor_temporal=2, scale_factor_spatial=2)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, relative_attention_num_buckets=8))
+    experts = [WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1,
+                                     rope_max_seq_len=32) for _ in range(2)]
+    # Wan2.2-T2V-A14B's sampler defaults: 40 steps, guidance 4.0 (high noise) / 3.0 (low noise)
+    return WanAdapter(experts[0], vae, text_encoder, ByT5Tokenizer(), max_sequence_length=TEXT_LENGTH,
+                      video_size=(5, 16, 16), defaults={"num_steps": 4, "guidance": 4.0, "guidance_2": 3.0},
+                      transformer_2=experts[1], boundary_ratio=boundary_ratio).eval().requires_grad_(False)
