@@ -28,6 +28,16 @@ as ramps over [-1, 1], to the transformer's input (`in_channels` = latent channe
 Wan's image-to-video checkpoints widen the input for their conditioning channels); the latent
 itself keeps `out_channels`. Real Wan checkpoints leave it off.
 
+Wan2.2 (A14B): two experts of the same architecture, `transformer` for high noise and
+`transformer_2` for low noise, switched at `boundary_ratio` as `WanPipeline` does: a sample whose
+timestep sigma * 1000 is >= boundary_ratio * 1000 goes to `transformer` (with `guidance`), the
+others to `transformer_2` (with `defaults["guidance_2"]`, the pipeline's `guidance_scale_2`,
+else the same guidance). The choice is made per sample inside `velocity`, so the rollout, the
+log-prob re-scoring of any stored step and CRD's random-time training all use the expert the
+pipeline would use at that noise level, with no change to samplers or trainers. LoRA goes on
+both experts by default (`add_lora(experts=...)` picks); the trainers optimise the LoRA of
+`transformer` only (they collect `model.transformer`'s parameters), see docs.
+
 Text encoders. Wan2.1's `UMT5EncoderModel` with its tokenizer (`tokenizer/`), or any transformers
 text encoder returning `last_hidden_state` (the toy uses a CLIP text encoder with the offline CLIP
 BPE, named by `"tokenizer": "clip"` in `genalign.json`, since no tokenizer files ship).
@@ -35,6 +45,7 @@ BPE, named by `"tokenizer": "clip"` in `genalign.json`, since no tokenizer files
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +111,15 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, max_sequence_length: int = 512,
                  video_size: Sequence[int] = WAN_VIDEO_SIZE, defaults: dict | None = None,
-                 tokenizer_spec: str | None = None, coord_channels: bool = False):
+                 tokenizer_spec: str | None = None, coord_channels: bool = False, transformer_2=None,
+                 boundary_ratio: float | None = None):
         super().__init__()
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError("Wan2.2's two experts need both transformer_2 and boundary_ratio (or neither)")
+        if boundary_ratio is not None and not 0 < boundary_ratio < 1:
+            raise ValueError(f"boundary_ratio must be in (0, 1), got {boundary_ratio}")
+        self.transformer_2 = transformer_2
+        self.boundary_ratio = boundary_ratio
         config = transformer.config
         if config.in_channels != config.out_channels + 3 * coord_channels:
             raise ValueError(f"WanTransformer3DModel in_channels {config.in_channels} must equal out_channels "
@@ -121,6 +139,76 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         from diffusers import WanPipeline
 
         return WanPipeline
+
+    # ------------------------------------------------------------------ Wan2.2 experts and their LoRA
+    @property
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """{"transformer": high-noise expert, "transformer_2": low-noise expert (Wan2.2 only)}."""
+        return {"transformer": self.transformer,
+                **({"transformer_2": self.transformer_2} if self.transformer_2 is not None else {})}
+
+    def add_lora(self, rank: int = 32, alpha: int | None = None, target_modules: Sequence[str] | None = None,
+                 dropout: float = 0.0, adapter_name: str = "default",
+                 experts: Sequence[str] = ("transformer", "transformer_2")) -> None:
+        """peft LoRA on the named experts that exist (Wan2.1: `transformer` only)."""
+        from peft import LoraConfig
+
+        unknown = set(experts) - {"transformer", "transformer_2"}
+        if unknown:
+            raise ValueError(f"unknown experts {sorted(unknown)}; choose from 'transformer', 'transformer_2'")
+        for name, module in self.experts.items():
+            if name in experts:
+                module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, init_lora_weights="gaussian",
+                                              target_modules=list(target_modules or self.default_lora_targets),
+                                              lora_dropout=dropout), adapter_name=adapter_name)
+
+    def _lora_experts(self) -> dict[str, torch.nn.Module]:
+        return {name: m for name, m in self.experts.items() if getattr(m, "peft_config", None)}
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Runs the base experts (the Flow-GRPO reference) inside the block."""
+        experts = list(self._lora_experts().values())
+        for module in experts:
+            module.disable_adapters()
+        try:
+            yield
+        finally:
+            for module in experts:
+                module.enable_adapters()
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """`pytorch_lora_weights.safetensors` of `transformer` in the layout WanPipeline's
+        `load_lora_weights` reads; Wan2.2's low-noise expert's LoRA goes to `transformer_2/`
+        beside it (load it with `load_lora_weights(dir / "transformer_2", load_into_transformer_2=True)`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        directory = Path(directory)
+        experts = self._lora_experts()
+        if not experts:
+            raise ValueError("the model has no LoRA to save (add_lora first)")
+        for name, module in experts.items():
+            self.lora_pipeline().save_lora_weights(
+                str(directory if name == "transformer" else directory / name),
+                transformer_lora_layers=get_peft_model_state_dict(module),
+                transformer_lora_adapter_metadata=module.peft_config["default"].to_dict())
+        return directory / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
+        """Loads a LoRA saved by `save_lora` (a folder or its .safetensors file): `transformer`'s,
+        and `transformer_2`'s from the `transformer_2/` subfolder when both exist."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA weights not found: {path}")
+        folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+        targets = [("transformer", folder)]
+        if self.transformer_2 is not None and (folder / "transformer_2").is_dir():
+            targets.append(("transformer_2", folder / "transformer_2"))
+        for name, source in targets:
+            state_dict, metadata = self.lora_pipeline().lora_state_dict(
+                str(source), weight_name=weight_name if name == "transformer" else None, return_lora_metadata=True)
+            getattr(self, name).load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name,
+                                                  metadata=metadata)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -207,12 +295,12 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
             return WanCond(embeds, self._encode(negatives))
 
     # ------------------------------------------------------------------ flow
-    def _transformer(self, latents, sigma, embeds):
+    def _transformer(self, latents, sigma, embeds, module=None):
         if self.coord_channels:
             latents = torch.cat([latents, coordinate_channels(latents)], 1)
         # timesteps stay fp32: Wan keeps its time embedder in fp32 (_keep_in_fp32_modules)
-        out = self.transformer(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
-                               encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
+        out = (module or self.transformer)(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
+                                           encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: WanCond,
@@ -224,9 +312,27 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         """
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
+        if self.transformer_2 is None:
+            return self._guided(latents, sigma, cond, guidance, self.transformer)
+        # Wan2.2: the high-noise expert where t >= boundary (WanPipeline's rule), per sample
+        high = (sigma * 1000) >= self.boundary_ratio * 1000
+        # the pipeline runs CFG on both experts only when guidance > 1, the low one at guidance_2
+        guidance_2 = (self.defaults.get("guidance_2") or guidance) if guidance > 1 else guidance
+        if bool(high.all()):
+            return self._guided(latents, sigma, cond, guidance, self.transformer)
+        if not bool(high.any()):
+            return self._guided(latents, sigma, cond, guidance_2, self.transformer_2)
+        v = torch.empty(latents.shape, device=latents.device, dtype=torch.float32)
+        for mask, g, module in ((high, guidance, self.transformer), (~high, guidance_2, self.transformer_2)):
+            idx = mask.nonzero().squeeze(1)
+            v[idx] = self._guided(latents[idx], sigma[idx], cond.index(idx), g, module)
+        return v
+
+    def _guided(self, latents, sigma, cond: WanCond, guidance: float, module) -> torch.Tensor:
+        """One expert's velocity with CFG (guidance > 1 and negatives) inside."""
         if guidance <= 1.0 or cond.negative_prompt_embeds is None:
-            return self._transformer(latents, sigma, cond.prompt_embeds)
-        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair())
+            return self._transformer(latents, sigma, cond.prompt_embeds, module)
+        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair(), module)
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -298,6 +404,11 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         settings = local_json(ADAPTER_SETTINGS_FILE)
         load = dict(torch_dtype=torch_dtype, **kwargs)
         transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", **load)
+        index = local_json("model_index.json")
+        boundary_ratio = index.get("boundary_ratio")
+        has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
+        transformer_2 = (WanTransformer3DModel.from_pretrained(src, subfolder="transformer_2", **load)
+                         if has_expert_2 and boundary_ratio is not None else None)
         vae_class = getattr(diffusers, local_json("vae", "config.json").get("_class_name", "AutoencoderKLWan"))
         vae = vae_class.from_pretrained(src, subfolder="vae", **{**load, "torch_dtype": vae_dtype})
         encoder_name = (local_json("text_encoder", "config.json").get("architectures") or ["UMT5EncoderModel"])[0]
@@ -318,7 +429,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
             defaults["shift"] = float(scheduler.get("flow_shift") or scheduler.get("shift"))
         model = cls(transformer, vae, text_encoder, tokenizer, max_sequence_length=max_sequence_length,
                     video_size=settings.get("video_size", WAN_VIDEO_SIZE), defaults=defaults,
-                    tokenizer_spec=tokenizer_spec, coord_channels=bool(settings.get("coord_channels", False)))
+                    tokenizer_spec=tokenizer_spec, coord_channels=bool(settings.get("coord_channels", False)),
+                    transformer_2=transformer_2, boundary_ratio=boundary_ratio if transformer_2 is not None else None)
         return model.to(device).eval().requires_grad_(False)
 
     def save_pretrained(self, directory: str | Path, settings: dict | None = None) -> Path:
@@ -330,6 +442,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(root / "transformer")
+        if self.transformer_2 is not None:
+            self.transformer_2.save_pretrained(root / "transformer_2")
         self.vae.save_pretrained(root / "vae")
         self.text_encoder.save_pretrained(root / "text_encoder")
         FlowMatchEulerDiscreteScheduler(shift=self.defaults["shift"]).save_pretrained(root / "scheduler")
@@ -338,12 +452,13 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
             self.tokenizer.save_pretrained(root / "tokenizer")
             tokenizer_entry = ["transformers", type(self.tokenizer).__name__]
         index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
-                 "boundary_ratio": None, "expand_timesteps": False,
+                 "boundary_ratio": self.boundary_ratio, "expand_timesteps": False,
                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  "text_encoder": ["transformers", type(self.text_encoder).__name__],
                  "tokenizer": tokenizer_entry,
                  "transformer": ["diffusers", type(self.transformer).__name__],
-                 "transformer_2": [None, None],
+                 "transformer_2": (["diffusers", type(self.transformer_2).__name__] if self.transformer_2 is not None
+                                   else [None, None]),
                  "vae": ["diffusers", type(self.vae).__name__]}
         (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         all_settings = {"max_sequence_length": self.max_sequence_length, "video_size": list(self.video_size),
