@@ -18,12 +18,17 @@ counted, never a tie). Judges are batched callables ``judge(pairs, items) -> ver
   judge, PromptEcho, CLIP...), compared with a margin.
 - :class:`ChatPairJudge`: both images in one conversation to a generate function, e.g.
   ``rewards.http.ChatCompletionsClient(...).generate`` (an OpenAI-compatible endpoint) or
-  ``rewards.vlm.LocalVLM(...).generate``.
+  ``rewards.vlm.LocalVLM(...).generate``; by default in the layout, prompt and answer words
+  of DenseAlignBench's released evaluator (roooobotx/prompt_echo,
+  dense_align_bench/evaluator.py), so its numbers compare with the paper's.
 
-Net win rate = win% - loss% of A over B (ties count in the denominator), with a 95% percentile
-bootstrap interval over pairs. Position bias: how often the judge picks the first slot,
-separately for pairs shown in order (A first) and flipped (B first); with ``both_orders``
-every pair is judged in both orders and order consistency is reported too.
+Win, loss and tie are counted per verdict, each pair weighing one: a pair's judged orders
+split its unit (judged A-first and B-first with verdicts A and tie: half a win, half a tie),
+so win - loss = net win rate always; with one order per pair (the released evaluator) these
+are plain verdict counts. Ties count in the denominator; a 95% percentile bootstrap interval
+over pairs. Position bias: how often the judge picks the first slot, separately for pairs
+shown in order (A first) and flipped (B first); with ``both_orders`` every pair is judged in
+both orders and order consistency is reported too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from rewards.parsing import json_objects
 
 from .geneval import (Sampler, finished_rows, numbered_jsonl, plan_samples, sample_folder, shapes_detector,
                       wilson_interval)
@@ -202,12 +209,12 @@ class RewardJudge:
 PAIR_TEMPLATE = (
     "Two images were generated from the same description. Judge prompt following only (not beauty): "
     "which image depicts the description more faithfully?\nDescription: {prompt}\n"
-    'The first image is Image 1, the second Image 2. Answer with JSON: {{"better": "1", "2" or "same"}}.'
+    'The first image is Image 1, the second Image 2. Answer with JSON: {"better": "1", "2" or "same"}.'
 )
 
 
 def parse_pair_verdict(text: str | None) -> Verdict:
-    """"1"/"2"/"same" (JSON "better" key, else the last such word) -> first/second/same; else None."""
+    """genalign layout: "1"/"2"/"same" (JSON "better" key, else the last such word) -> first/second/same; else None."""
     if not isinstance(text, str):
         return None
     text = text.rsplit("</think>", 1)[-1]
@@ -219,19 +226,65 @@ def parse_pair_verdict(text: str | None) -> Verdict:
     return {"1": "first", "image1": "first", "2": "second", "image2": "second"}.get(word, "same")
 
 
-class ChatPairJudge:
-    """Both images in one chat turn to ``generate_fn(conversations) -> [str | None]``."""
+_PREFERENCE = {"image_a": "first", "image_b": "second", "tie": "same"}
 
-    def __init__(self, generate_fn: Callable, template: str = PAIR_TEMPLATE):
-        self.generate_fn, self.template = generate_fn, template
+
+def parse_preference(text: str | None) -> Verdict:
+    """Reference layout: the JSON ``"preference"`` ("image_a" / "image_b" / "tie", as the released
+    evaluator requires) -> first / second / same; anything else -> None (not judged).
+
+    The last JSON object with that key decides; a ``"preference": "..."`` pair still counts when
+    the JSON around it does not parse (a stray quote in the reasoning). No bare-word fallback: the
+    reasoning names both images.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text.rsplit("</think>", 1)[-1]
+    for obj in reversed(json_objects(text)):
+        if "preference" in obj:
+            return _PREFERENCE.get(str(obj["preference"]).strip().lower())
+    found = re.findall(r'"preference"\s*:\s*"\s*(image_a|image_b|tie)\s*"', text, flags=re.IGNORECASE)
+    return _PREFERENCE[found[-1].lower()] if found else None
+
+
+class ChatPairJudge:
+    """Both images in one chat turn to ``generate_fn(conversations) -> [str | None]``.
+
+    layout:   "reference" (default): DenseAlignBench's released evaluator (roooobotx/prompt_echo,
+              dense_align_bench/evaluator.py; text in rewards/prompts/densealignbench.py): its
+              instructions, then "**Image A:**", the first image, "**Image B:**", the second;
+              answer JSON ``"preference"``: "image_a" / "image_b" / "tie" (:func:`parse_preference`).
+              "genalign": both images first, then :data:`PAIR_TEMPLATE`; answer "1" / "2" / "same"
+              (:func:`parse_pair_verdict`).
+    template: replaces the layout's text (``{prompt}`` is replaced; other braces are literal).
+
+    The released evaluator also sends JPEG (quality 95) at temperature 0.3; set those on the
+    backend (images here go as PNG data URLs).
+    """
+
+    def __init__(self, generate_fn: Callable, layout: str = "reference", template: str | None = None):
+        from rewards.prompts.densealignbench import PAIRWISE_PROMPT_FOLLOWING
+
+        if layout not in ("reference", "genalign"):
+            raise ValueError(f"ChatPairJudge: layout must be 'reference' or 'genalign', got {layout!r}")
+        self.generate_fn, self.layout = generate_fn, layout
+        self.template = template or (PAIRWISE_PROMPT_FOLLOWING if layout == "reference" else PAIR_TEMPLATE)
+        self.parse = parse_preference if layout == "reference" else parse_pair_verdict
+
+    def conversation(self, first: np.ndarray, second: np.ndarray, prompt: str) -> list[dict]:
+        """One user turn with the two images (uint8 (H, W, 3)) in this layout."""
+        from rewards.http import image_part
+        from rewards.prompts.densealignbench import IMAGE_LABELS
+
+        text = {"type": "text", "text": self.template.replace("{prompt}", prompt)}
+        if self.layout == "genalign":
+            return [{"role": "user", "content": [image_part(first), image_part(second), text]}]
+        label_a, label_b = ({"type": "text", "text": label} for label in IMAGE_LABELS)
+        return [{"role": "user", "content": [text, label_a, image_part(first), label_b, image_part(second)]}]
 
     def __call__(self, pairs, items) -> list[Verdict]:
-        from rewards.http import image_part
-
-        conversations = [[{"role": "user", "content": [
-            image_part(a), image_part(b), {"type": "text", "text": self.template.format(prompt=item["prompt"])}]}]
-            for (a, b), item in zip(pairs, items)]
-        return [parse_pair_verdict(answer) for answer in self.generate_fn(conversations)]
+        conversations = [self.conversation(a, b, item["prompt"]) for (a, b), item in zip(pairs, items)]
+        return [self.parse(answer) for answer in self.generate_fn(conversations)]
 
 
 def build_judge(spec: str | Callable):
@@ -300,22 +353,36 @@ def judge_pairs(judge, rows_a: list[dict], rows_b: list[dict], folder_a: Path, f
     return [done[i] for i in range(len(rows_a))]
 
 
-def pair_outcome(record: dict) -> float | None:
-    """Mean outcome over the orders a pair was judged in (None if no order was judged)."""
-    values = [v["outcome"] for v in record["verdicts"] if v["outcome"] is not None]
-    return float(np.mean(values)) if values else None
+def pair_outcomes(record: dict) -> list[int]:
+    """Outcomes (+1 A wins, -1 B wins, 0 tie) of the orders a pair was judged in ([] if none)."""
+    return [v["outcome"] for v in record["verdicts"] if v["outcome"] is not None]
 
 
-def net_win_rate(outcomes: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict:
-    """win% - loss% of A over B with a 95% percentile bootstrap interval over judged pairs."""
-    judged = np.array([o for o in outcomes if o is not None], dtype=float)
-    result = {"pairs": len(outcomes), "judged": int(judged.size), "failed": len(outcomes) - int(judged.size)}
-    if not judged.size:
+def net_win_rate(outcomes: Sequence[int | Sequence[int] | None], n_boot: int = 2000, seed: int = 0) -> dict:
+    """win%, loss%, tie% and net win rate = win% - loss% of A over B, with a 95% percentile
+    bootstrap interval of the net over judged pairs.
+
+    outcomes: per pair, the verdict outcomes of its judged orders (a list of +1 / -1 / 0), one
+    outcome, or None / [] (not judged: counted as failed). Each judged pair weighs one, split
+    evenly over its verdicts: win = mean over pairs of the share of its verdicts A wins (loss,
+    tie likewise), so win + loss + tie = 1 and win - loss = net = the mean of the pairs' mean
+    outcomes. Pairs [+1, 0], [-1, -1] and [+1, -1]: win 1/3, loss 1/2, tie 1/6, net -1/6.
+    """
+    per_pair = [[] if o is None else [o] if np.isscalar(o) else list(o) for o in outcomes]
+    for verdicts in per_pair:
+        if any(v not in (-1, 0, 1) for v in verdicts):
+            raise ValueError(f"net_win_rate: verdict outcomes are +1, -1 or 0, got {verdicts}")
+    judged = [np.array(v, dtype=float) for v in per_pair if v]
+    result = {"pairs": len(per_pair), "judged": len(judged), "failed": len(per_pair) - len(judged),
+              "verdicts": int(sum(v.size for v in judged))}
+    if not judged:
         return {**result, "win": float("nan"), "loss": float("nan"), "tie": float("nan"), "net_win_rate": float("nan"),
                 "ci": (float("nan"), float("nan"))}
-    boot = judged[np.random.default_rng(seed).integers(0, judged.size, (n_boot, judged.size))].mean(1)
-    return {**result, "win": float((judged > 0).mean()), "loss": float((judged < 0).mean()),
-            "tie": float((judged == 0).mean()), "net_win_rate": float(judged.mean()),
+    shares = np.array([[(v > 0).mean(), (v < 0).mean(), (v == 0).mean()] for v in judged])  # [pairs, 3]
+    net = shares[:, 0] - shares[:, 1]  # [pairs]: each pair's mean outcome
+    boot = net[np.random.default_rng(seed).integers(0, net.size, (n_boot, net.size))].mean(1)
+    win, loss, tie = (float(x) for x in shares.mean(0))
+    return {**result, "win": win, "loss": loss, "tie": tie, "net_win_rate": float(net.mean()),
             "ci": tuple(float(x) for x in np.percentile(boot, [2.5, 97.5]))}
 
 
@@ -368,7 +435,7 @@ def run_dense(sampler_a: Sampler, sampler_b: Sampler, items: list[dict], out: st
     rows_b = sample_folder(sampler_b, plan, folder_b, batch_size, progress)
     records = judge_pairs(build_judge(judge), rows_a, rows_b, folder_a, folder_b, list(items), out / JUDGMENTS_FILE,
                           seed, both_orders, progress=progress)
-    result = {"net": net_win_rate([pair_outcome(r) for r in records], seed=seed),
+    result = {"net": net_win_rate([pair_outcomes(r) for r in records], seed=seed),
               "position_bias": position_bias(records),
               "judge": judge if isinstance(judge, str) else type(judge).__name__, "seed": seed,
               "prompts": len(items), "images_per_prompt": images_per_prompt, "both_orders": both_orders,

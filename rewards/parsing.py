@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any, Callable
 
-__all__ = ["parse_score", "parse_scores", "REDUCTIONS"]
+__all__ = ["parse_score", "parse_scores", "json_objects", "REDUCTIONS"]
 
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 _LIST = rf"\[\s*{_NUMBER}(?:\s*,\s*{_NUMBER})*\s*\]"  # [4] or [4, 2, 5]
@@ -21,7 +21,7 @@ REDUCTIONS: dict[str, Callable[[list[float]], float]] = {
 }
 
 
-def _json_objects(text: str) -> list[dict]:
+def json_objects(text: str) -> list[dict]:
     """Every JSON object that parses in ``text``, in order (nested objects are not searched)."""
     decoder, found, start = json.JSONDecoder(), [], text.find("{")
     while start != -1:
@@ -74,7 +74,7 @@ def parse_scores(text: str, key: str = "score") -> list[float] | None:
     if not isinstance(text, str) or ("<think>" in text and "</think>" not in text):
         return None  # no text, or reasoning cut off before the answer
     text = text.rsplit("</think>", 1)[-1]
-    for obj in reversed(_json_objects(text)):
+    for obj in reversed(json_objects(text)):
         values = {str(k).strip().lower(): v for k, v in obj.items()}
         if key.lower() in values:
             numbers = _as_numbers(values[key.lower()])
