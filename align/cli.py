@@ -5,6 +5,7 @@
     align pretrain-toy [--out DIR]
     align train CONFIG [key=value ...] [--resume]
     align rollout CONFIG [key=value ...]      (offline store of scored reference samples)
+    align serve --reward NAME[:key=value,...] [--host H --port P]   (rewards behind an HTTP server)
 
 Bad input (missing files, malformed YAML or JSONL, wrong image sizes, empty prompt lists)
 ends with a one-line `align: error: ...` and exit code 2, not a traceback.
@@ -150,6 +151,10 @@ def parse_reward_arg(text: str) -> dict:
     """``name[:weight]`` -> ``{"name", "weight"}``; the part after the last ':' is a weight only
     if it is a number, so import paths ``pkg.module:attr[:weight]`` work."""
     name, colon, weight = text.rpartition(":")
+    if "=" in text:  # name:key=value,... constructor arguments, e.g. remote:url=http://h:8100,reward=NAME
+        from rewards.serve import parse_reward_option
+
+        return {"weight": 1.0, **parse_reward_option(text)}
     if colon:
         try:
             return {"name": name, "weight": float(weight)}
@@ -514,6 +519,34 @@ def _run_eval(args) -> None:
     print(f"\nreport: {paths['html']} (summary {paths['markdown']})")
 
 
+# ------------------------------------------------------------------------------ serve
+SERVE_EXAMPLES = """examples:
+  align serve --reward shapes_geneval --reward shapes_clip_score          # 127.0.0.1:8100, token printed
+  GENALIGN_SERVE_TOKEN=... align serve --reward pickscore:device=cuda:1 --host 0.0.0.0 --port 8100
+  # then in a training config:  reward: {name: remote, url: http://HOST:8100, reward: pickscore}
+  align score runs/base --reward remote:url=http://127.0.0.1:8100,reward=shapes_geneval
+"""
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve rewards over HTTP (batched, token-authenticated) for `remote` rewards",
+                       description="Serve registered rewards behind an HTTP server (FastAPI + uvicorn): requests for "
+                                   "the same reward are merged into batches, a bearer token is required, sizes and "
+                                   "time are limited. Training uses them with reward: {name: remote, url: ..., "
+                                   "reward: NAME}. See docs/serving.md.",
+                       epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from rewards.serve import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> None:
+    from rewards.serve import main
+
+    main(args)
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="genalign: align text-to-image/video flow models "
@@ -525,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollout(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ import rewards.clip  # noqa: F401  registers clip_score, vlm_rm, pickscore, hpsv
 from rewards.shapes import SaturationReward, ShapesGenEvalReward, lookup_shapes_metadata, to_uint8_images
 import rewards.vlm  # noqa: F401  (registers the VLM rewards; transformers is imported lazily)
 import rewards.http  # noqa: F401  (registers "http_judge")
+import rewards.remote  # noqa: F401  (registers "remote": a reward served by `align serve`)
 import rewards.shapes_clip  # noqa: F401  (registers "shapes_clip_score"; the shipped CLIP loads on first use)
 import rewards.shapes_video  # noqa: F401  (registers "shapes_video_verifier", "shapes_video_motion")
 import rewards.shapes_soft  # noqa: F401  (registers "shapes_soft_geneval")

@@ -110,13 +110,15 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 async def request_with_retries(client: httpx.AsyncClient, method: str, url: str, *, policy: RetryPolicy,
                                timeout: float, deadline: float | None = None,
-                               limit: asyncio.Semaphore | None = None, **request_args) -> httpx.Response:
+                               limit: asyncio.Semaphore | None = None, stats: dict | None = None,
+                               **request_args) -> httpx.Response:
     """One logical request: attempts until a response whose status is not retryable (returned,
     whatever it is: the caller reads it), or raises :class:`RequestFailed`.
 
     timeout:  seconds per attempt (connect + the whole answer), cut to what is left of
     deadline: an absolute ``time.monotonic()`` after which no attempt starts and none waits.
     limit:    held during each attempt (not during backoff), bounding requests in flight.
+    stats:    if given, ``stats["retries"]`` is incremented per retried attempt.
     request_args go to ``client.request`` (content=, json=, headers=).
     """
     status, reason = None, "no attempt"
@@ -145,6 +147,8 @@ async def request_with_retries(client: httpx.AsyncClient, method: str, url: str,
             reason = f"deadline passed ({reason})"
             break
         await asyncio.sleep(pause)
+        if stats is not None:
+            stats["retries"] = stats.get("retries", 0) + 1
     raise RequestFailed(reason, attempt + 1, status)
 
 
@@ -181,7 +185,7 @@ class LoopThread:
     def run(self, coroutine: Awaitable) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._ensure()).result()
 
-    def __getstate__(self):  # copies (deepcopy, pickling to workers) start their own loop
+    def __getstate__(self):  # copies (deepcopy, serialised to workers) start their own loop
         return {"name": self.name, "_loop": None, "_pid": None}
 
     def __setstate__(self, state):
