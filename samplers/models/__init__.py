@@ -18,6 +18,7 @@ FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter, "WanPipeline": WanAdapter}
 LAZY_FAMILIES = {
     "FluxPipeline": "flux:FluxAdapter",
     "FluxKontextPipeline": "flux:FluxKontextAdapter",
+    "QwenImagePipeline": "qwen_image:QwenImageAdapter",
 }
 
 

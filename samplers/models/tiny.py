@@ -97,3 +97,75 @@ def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.875):
     return WanAdapter(experts[0], vae, text_encoder, ByT5Tokenizer(), max_sequence_length=TEXT_LENGTH,
                       video_size=(5, 16, 16), defaults={"num_steps": 4, "guidance": 4.0, "guidance_2": 3.0},
                       transformer_2=experts[1], boundary_ratio=boundary_ratio).eval().requires_grad_(False)
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level `Qwen2Tokenizer` (the 256 byte symbols, no merges) with Qwen's chat and
+    vision special tokens: every prompt tokenises as in Qwen, one token per byte."""
+    from transformers import Qwen2Tokenizer
+
+    from .clip_tokenizer import _bytes_to_unicode
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode())}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    return tokenizer
+
+
+def tiny_qwen_vl(tokenizer, width: int = 32):
+    """`Qwen2_5_VLForConditionalGeneration`: one text layer (multimodal RoPE) and one vision block."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 4]},
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tiny_qwen_vae(z_dim: int = 4):
+    """`AutoencoderKLQwenImage` with 2x spatial compression and per-channel latent statistics."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1,
+                                  temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0][:z_dim],
+                                  latents_std=[1.5, 0.8, 1.2, 1.0][:z_dim])
+
+
+def qwen_image_scheduler():
+    """Qwen-Image's scheduler config: exponential dynamic shift (base log 3 .. max log 3 over
+    256..8192 tokens), shift_terminal 0.02."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=math.log(3), max_image_seq_len=8192,
+                                           max_shift=math.log(3), shift=1.0, shift_terminal=0.02,
+                                           use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def tiny_qwen_image(seed: int = 0):
+    """Qwen-Image at toy size: 16 px images, 8x8 latents of 4 channels packed into 16 tokens."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from .qwen_image import QwenImageAdapter
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = tiny_qwen_vl(tokenizer)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6))
+    components = dict(scheduler=qwen_image_scheduler(), vae=tiny_qwen_vae(), text_encoder=text_encoder,
+                      tokenizer=tokenizer, transformer=transformer)
+    return QwenImageAdapter(components, defaults={"num_steps": 4, "resolution": 16},
+                            max_sequence_length=512).eval().requires_grad_(False)
