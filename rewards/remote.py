@@ -72,7 +72,8 @@ class RemoteReward(Reward):
     raw_range, modalities, requires_prompts: what the served reward declares (for
                      compositions and local validation; ``GET /v1/rewards`` shows them).
 
-    Not differentiable. Scores and per-sample extras as the served reward computes them.
+    Not differentiable. Scores and per-sample extras as the served reward computes them;
+    ``totals`` counts samples, unscored samples and retries over the reward's lifetime.
     """
 
     differentiable = False
@@ -105,6 +106,7 @@ class RemoteReward(Reward):
         self.raw_range, self.modalities, self.requires_prompts = tuple(raw_range), tuple(modalities), requires_prompts
         self._loop = LoopThread(f"remote-{reward}")
         self._client: httpx.AsyncClient | None = None
+        self.totals = {"samples": 0, "unscored": 0, "retries": 0}  # over the reward's lifetime
 
     def new_http_client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
@@ -174,6 +176,8 @@ class RemoteReward(Reward):
                 failed[a:b] = 1
                 log.warning("remote reward %s: malformed answer (%s)", self.endpoint, err)
         extras.update(remote_failed=failed, remote_unscored=int(failed.sum()), remote_retries=stats["retries"])
+        for key, value in (("samples", batch), ("unscored", int(failed.sum())), ("retries", stats["retries"])):
+            self.totals[key] += value
         return RewardOutput(scores, extras)
 
     def __getstate__(self):
