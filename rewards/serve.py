@@ -42,6 +42,7 @@ import math
 import os
 import re
 import secrets
+import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ from typing import Any, Mapping
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 from torch import Tensor
 
 from rewards.base import Reward
@@ -117,25 +119,33 @@ class Metrics:
     }
 
     def __init__(self, max_batch_size: int):
+        self.lock = threading.Lock()  # updated from the event loop and the reward threads
         self.values: dict[tuple[str, tuple], float] = defaultdict(float)
         self.histograms: dict[tuple[str, tuple], _Histogram] = {}
         self.batch_buckets = tuple(sorted({2**k for k in range(int(math.log2(max(1, max_batch_size))) + 1)}
                                           | {max_batch_size}))
 
     def inc(self, name: str, value: float = 1.0, **labels) -> None:
-        self.values[name, tuple(sorted(labels.items()))] += value
+        with self.lock:
+            self.values[name, tuple(sorted(labels.items()))] += value
 
     def set(self, name: str, value: float, **labels) -> None:
-        self.values[name, tuple(sorted(labels.items()))] = value
+        with self.lock:
+            self.values[name, tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, value: float, **labels) -> None:
         key = (name, tuple(sorted(labels.items())))
-        if key not in self.histograms:
-            buckets = self.batch_buckets if name == "genalign_batch_samples" else LATENCY_BUCKETS
-            self.histograms[key] = _Histogram(buckets)
-        self.histograms[key].observe(value)
+        with self.lock:
+            if key not in self.histograms:
+                buckets = self.batch_buckets if name == "genalign_batch_samples" else LATENCY_BUCKETS
+                self.histograms[key] = _Histogram(buckets)
+            self.histograms[key].observe(value)
 
     def render(self) -> str:
+        with self.lock:
+            return self._render()
+
+    def _render(self) -> str:
         def fmt(labels) -> str:
             return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
 
@@ -358,6 +368,8 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
         await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise WireError(408, "body_timeout", f"body not received within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise WireError(400, "client_disconnected", "the client closed the connection mid-body") from None
     return bytes(body)
 
 
@@ -441,6 +453,9 @@ def create_app(rewards: Mapping[str, Reward], cfg: ServeConfig | None = None, to
         except (WireError, ScoringError) as err:
             headers = {"Retry-After": "1"} if err.status == 503 else None
             return _problem(err.status, err.problem, str(err), headers)
+        except Exception as err:  # noqa: BLE001: a bug here must not take the worker down
+            log.exception("scoring request for %s failed", name)
+            return _problem(500, "internal_error", f"{type(err).__name__}: {err}")
         return JSONResponse(answer)
 
     return app
