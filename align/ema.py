@@ -14,12 +14,15 @@ The shadow copies are fp32 regardless of the parameters' dtype.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["EMA"]
+from .config import doc
+
+__all__ = ["EMA", "DecaySchedule"]
 
 
 class EMA:
@@ -97,3 +100,23 @@ class EMA:
     def shadow_tensors(self) -> dict[str, Tensor]:
         """name -> averaged fp32 tensor."""
         return dict(self.shadow)
+
+
+@dataclass
+class DecaySchedule:
+    """EMA decay at optimizer step s: 0 before `delay`, then min(start + rate (s - delay), cap).
+
+    DiffusionNFT's old policy (decay_type 1): DecaySchedule(0, 0.001, 0, 0.5); its slow one
+    (decay_type 2): DecaySchedule(0, 0.0075, 75, 0.999); CRD's old snapshot (0.25, 0.005, 0, 0.999)."""
+
+    start: float = doc(0.25, "Decay at s = delay.")
+    rate: float = doc(0.005, "Increase of the decay per optimizer step.")
+    delay: int = doc(0, "Optimizer steps during which the decay is 0 (the snapshot follows the weights).")
+    cap: float = doc(0.999, "Upper bound of the decay (< 1).")
+
+    def __post_init__(self):
+        if self.start < 0 or self.rate < 0 or self.delay < 0 or not 0 <= self.cap < 1:
+            raise ValueError("decay schedule needs start, rate, delay >= 0 and 0 <= cap < 1")
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if step < self.delay else min(self.start + self.rate * (step - self.delay), self.cap)

@@ -27,6 +27,10 @@ __all__ = [
     "crd_target",
     "crd_kl",
     "flow_matching_loss",
+    "nft_loss",
+    "velocity_kl",
+    "awm_log_prob",
+    "AWM_WEIGHTINGS",
 ]
 
 
@@ -263,3 +267,89 @@ def crd_kl(
     coef = beta_kl * (m + targets.detach().float() * (1 - m))  # [B]
     distance = _per_sample_mean((v_theta.float() - v_ref_cfg.detach().float()).square())  # [B]
     return (coef * distance).mean(), coef.detach()  # scalar, [B]
+
+
+# ----------------------------------------------------------------------------- DiffusionNFT
+
+
+def nft_loss(
+    v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Tensor, beta: float = 1.0,
+    scale: float = 5.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's negative-aware fine-tuning loss (Zheng et al. 2025, arXiv 2509.16117, eq. 8).
+
+    v_theta: [B, *latent] the trained velocity at x_t (with grad); v_old: the old policy's at the
+    same x_t; x_t = (1 - t) x0 + t eps: [B, *latent]; x0: the clean samples; t: [B] in (0, 1];
+    r: [B] optimality probabilities in [0, 1] (`crd_target` of the group advantages).
+    Implicit policies v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta;
+    each is scored in x0 space, x0± = x_t - t v±, with its squared error divided by its own detached
+    mean absolute error (the reference's adaptive weighting, floor 1e-5):
+        L = scale * mean_i [r_i L+_i + (1 - r_i) L-_i] / beta.
+    `scale` is the reference's adv_clip_max factor. At v_theta = v_old the gradient w.r.t. v_theta
+    is (2 r - 1) * scale * 2 t^2 (v_old - v*) / (w D) per element (D elements, v* = eps - x0): an
+    advantage-weighted flow-matching step, zero for r = 1/2 whatever the samples (no drift toward
+    the model's own samples), independent of beta.
+    Metrics: nft_loss, nft_positive, nft_negative (unweighted per-branch means), old_deviation
+    (mean (v_theta - v_old)^2).
+    """
+    _check_same_shape(v_theta=v_theta, v_old=v_old, x_t=x_t, x0=x0)
+    if t.shape != v_theta.shape[:1] or r.shape != v_theta.shape[:1]:
+        raise ValueError(f"t and r must be [B] = {tuple(v_theta.shape[:1])}, got {tuple(t.shape)} and {tuple(r.shape)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    v = v_theta.float()  # [B, *latent]
+    old = v_old.detach().float()  # [B, *latent]
+    target = x0.detach().float()  # [B, *latent]
+    tt = t.detach().float().reshape(-1, *[1] * (v.ndim - 1))  # [B, 1, ...]
+    xt = x_t.detach().float()
+
+    def branch(velocity: Tensor) -> Tensor:
+        error = xt - tt * velocity - target  # [B, *latent] x0-prediction error
+        with torch.no_grad():
+            weight = _per_sample_mean(error.abs()).clamp_min(1e-5)  # [B]
+        return _per_sample_mean(error.square()) / weight  # [B]
+
+    positive = branch(beta * v + (1 - beta) * old)  # [B]
+    negative = branch((1 + beta) * old - beta * v)  # [B]
+    rr = r.detach().float()  # [B]
+    loss = (scale * (rr * positive + (1 - rr) * negative) / beta).mean()  # scalar
+    metrics = {"nft_loss": loss, "nft_positive": positive.mean(), "nft_negative": negative.mean(),
+               "old_deviation": (v - old).square().mean()}
+    return loss, _detached(metrics)
+
+
+def velocity_kl(v_theta: Tensor, v_ref: Tensor) -> Tensor:
+    """The v-space KL surrogate to a reference, mean_dims (v_theta - v_ref)^2 -> [B] (DiffusionNFT's and
+    AWM's KL term; for two Gaussian steps of equal variance it is proportional to their KL)."""
+    _check_same_shape(v_theta=v_theta, v_ref=v_ref)
+    return _per_sample_mean((v_theta.float() - v_ref.detach().float()).square())  # [B]
+
+
+# ----------------------------------------------------------------------------- AWM
+
+AWM_WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
+
+
+def awm_log_prob(v_theta: Tensor, v_star: Tensor, t: Tensor, weighting: str = "uniform",
+                 ghuber_power: float = 0.25) -> Tensor:
+    """Advantage Weighted Matching's surrogate log-likelihood of a clean sample (Xue et al. 2025,
+    arXiv 2509.25050, sec. 3) -> [B]: the negative flow-matching error e = mean_dims (v_theta - v*)^2
+    at a forward-process point, weighted by w(t):
+        uniform: -e;  t: -t e;  t2: -t^2 e;  huber: -t (sqrt(e + 1e-10) - 1e-5);
+        ghuber: -t ((e + 1e-10)^p - 1e-10^p) / p   (p = ghuber_power, the reference's 0.25).
+    v_theta: [B, *latent] (with grad); v* = eps - x0; t: [B] in (0, 1]."""
+    _check_same_shape(v_theta=v_theta, v_star=v_star)
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {AWM_WEIGHTINGS}, got {weighting!r}")
+    error = _per_sample_mean((v_theta.float() - v_star.detach().float()).square())  # [B]
+    tt = t.detach().float()  # [B]
+    if weighting == "uniform":
+        return -error
+    if weighting == "t":
+        return -tt * error
+    if weighting == "t2":
+        return -tt.square() * error
+    if weighting == "huber":
+        return -tt * ((error + 1e-10).sqrt() - 1e-5)
+    p = ghuber_power
+    return -tt * ((error + 1e-10).pow(p) - 1e-10 ** p) / p

@@ -21,7 +21,8 @@ def sample_noise(seeds: Sequence[int], latent_shape: Sequence[int], device="cpu"
 def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, num_steps: int | None = None,
              guidance: float | None = None, shift: float | None = None, sampler: str = "ode",
              step_params: dict | None = None, negative_prompt: str = "", batch_size: int = 64,
-             resolution: int | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             resolution: int | None = None, progress: Callable[[int], None] | None = None,
+             return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Samples one image per prompt. Returns float images in [0, 1], [N, 3, H, W] on the CPU.
 
     Defaults for num_steps / guidance / shift come from the checkpoint (`model.defaults`).
@@ -29,6 +30,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, 
     step noise from a generator seeded with the batch's first seed.
     `resolution`: square image side in px (default: the model's native size).
     `progress(n)` is called after each batch with the number of samples done in it.
+    `return_latents`: also return the final latents [N, *latent] (fp32, CPU) the images decode from.
     """
     prompts = list(prompts)
     if not prompts:
@@ -44,7 +46,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, 
     shift = shift or defaults.get("shift", 3.0)
     sigmas = flow_sigmas(num_steps, shift=shift)
     latent_shape = model.latent_shape(resolution, resolution)
-    images = []
+    images, latents = [], []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start:start + batch_size]
         batch_seeds = seeds[start:start + batch_size]
@@ -54,6 +56,8 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, 
         traj = rollout(model, cond, sigmas, step_types=sampler, step_params=step_params, guidance=guidance,
                        initial_noise=noise, generator=generator)
         images.append(model.decode(traj.final).cpu())
+        if return_latents:
+            latents.append(traj.final.float().cpu())
         if progress is not None:
             progress(len(batch_prompts))
-    return torch.cat(images)
+    return (torch.cat(images), torch.cat(latents)) if return_latents else torch.cat(images)

@@ -38,7 +38,8 @@ class FlowModel(Protocol):
     inside (1 = no CFG). Returns a tensor shaped like `latents` in any float dtype.
     """
 
-    def velocity(self, latents: Tensor, sigma: Tensor, cond: Any, guidance: float) -> Tensor: ...
+    def velocity(self, latents: Tensor, sigma: Tensor, cond: Any, guidance: float, detach_uncond: bool = False
+                 ) -> Tensor: ...
 
     @property
     def latent_shape(self) -> tuple[int, ...]: ...  # (C, H, W) or (C, T, H, W); a method is accepted
@@ -263,7 +264,8 @@ def _call_step(
     sigma_vec: [B] the current sigma on the model's device (for the network); sigma, sigma_next:
     the same values as python floats (for the step: no device sync, bit-reproducible).
     """
-    v = model.velocity(x.to(model.dtype), sigma_vec, cond, guidance)
+    kwargs = {"detach_uncond": True} if step_kwargs.pop("detach_uncond", False) else {}
+    v = model.velocity(x.to(model.dtype), sigma_vec, cond, guidance, **kwargs)
     grad_fn = params.pop("grad_fn", None)
     if grad_fn is not None:
         if params.get("log_prob_under", "unguided") == "guided" or step_kwargs.get("next") is None:
@@ -392,12 +394,15 @@ def rescore_step(
     step_name: str | None = None,
     step_params: dict | None = None,
     guidance: float | None = None,
+    detach_uncond: bool = False,
 ) -> StepOutput:
     """Re-score the stored transition `step_index` under the model's current weights.
 
     Defaults (step name, parameters, guidance, reduction) are the ones the trajectory was sampled
     with, so with unchanged weights the log-prob equals traj.log_probs[:, step_index] exactly.
     Runs in the caller's autograd mode (grad flows to the model unless under torch.no_grad()).
+    detach_uncond: with CFG, the unconditional branch is a constant for autograd (Flow-GRPO's
+    training forward); the value is the same.
     """
     name = traj.step_types[step_index] if step_name is None else step_name
     params = _params_for(name, traj.step_params if step_params is None else step_params)
@@ -409,6 +414,7 @@ def rescore_step(
     _, out = _call_step(
         name, params, model, cond, x, sigmas[step_index].expand(x.shape[0]), sigma_values[0], sigma_values[1],
         traj.guidance if guidance is None else guidance, next=next, reduction=traj.reduction,
+        detach_uncond=detach_uncond,
     )
     return out
 

@@ -191,11 +191,13 @@ class SD3Adapter(LoraAdapterMixin, torch.nn.Module):
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: SD3Cond,
-                 guidance: float = 1.0) -> torch.Tensor:
+                 guidance: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """Predicted velocity v = eps - x0 (fp32) with classifier-free guidance inside.
 
         latents: [B, C, H, W]; sigma: scalar or [B] in [0, 1]. As in diffusers' pipeline, CFG runs
         only for guidance > 1; guidance <= 1 or a cond without negatives is the conditional branch.
+        detach_uncond: the unconditional branch is a constant for autograd (Flow-GRPO's training
+        forward); the value is unchanged.
         """
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
@@ -204,6 +206,8 @@ class SD3Adapter(LoraAdapterMixin, torch.nn.Module):
         embeds, pooled = cond.cfg_pair()
         v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), embeds, pooled)
         v_uncond, v_cond = v.chunk(2)
+        if detach_uncond:
+            v_uncond = v_uncond.detach()
         return v_uncond + guidance * (v_cond - v_uncond)
 
     # ------------------------------------------------------------------ pixels <-> latents

@@ -304,36 +304,41 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: WanCond,
-                 guidance: float = 1.0) -> torch.Tensor:
+                 guidance: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """Predicted velocity v = eps - x0 (fp32) with classifier-free guidance inside.
 
         latents: [B, C, T', H', W']; sigma: scalar or [B] in [0, 1]. CFG runs only for guidance > 1
         (as in diffusers); otherwise, or for a cond without negatives, the conditional branch.
+        detach_uncond: the unconditional branch is a constant for autograd (Flow-GRPO's training
+        forward); the value is unchanged.
         """
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         if self.transformer_2 is None:
-            return self._guided(latents, sigma, cond, guidance, self.transformer)
+            return self._guided(latents, sigma, cond, guidance, self.transformer, detach_uncond)
         # Wan2.2: the high-noise expert where t >= boundary (WanPipeline's rule), per sample
         high = (sigma * 1000) >= self.boundary_ratio * 1000
         # the pipeline runs CFG on both experts only when guidance > 1, the low one at guidance_2
         guidance_2 = (self.defaults.get("guidance_2") or guidance) if guidance > 1 else guidance
         if bool(high.all()):
-            return self._guided(latents, sigma, cond, guidance, self.transformer)
+            return self._guided(latents, sigma, cond, guidance, self.transformer, detach_uncond)
         if not bool(high.any()):
-            return self._guided(latents, sigma, cond, guidance_2, self.transformer_2)
+            return self._guided(latents, sigma, cond, guidance_2, self.transformer_2, detach_uncond)
         v = torch.empty(latents.shape, device=latents.device, dtype=torch.float32)
         for mask, g, module in ((high, guidance, self.transformer), (~high, guidance_2, self.transformer_2)):
             idx = mask.nonzero().squeeze(1)
-            v[idx] = self._guided(latents[idx], sigma[idx], cond.index(idx), g, module)
+            v[idx] = self._guided(latents[idx], sigma[idx], cond.index(idx), g, module, detach_uncond)
         return v
 
-    def _guided(self, latents, sigma, cond: WanCond, guidance: float, module) -> torch.Tensor:
+    def _guided(self, latents, sigma, cond: WanCond, guidance: float, module, detach_uncond: bool = False
+                ) -> torch.Tensor:
         """One expert's velocity with CFG (guidance > 1 and negatives) inside."""
         if guidance <= 1.0 or cond.negative_prompt_embeds is None:
             return self._transformer(latents, sigma, cond.prompt_embeds, module)
         v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair(), module)
         v_uncond, v_cond = v.chunk(2)
+        if detach_uncond:
+            v_uncond = v_uncond.detach()
         return v_uncond + guidance * (v_cond - v_uncond)
 
     # ------------------------------------------------------------------ pixels <-> latents

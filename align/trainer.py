@@ -1,0 +1,538 @@
+"""The trainer core: what every alignment trainer shares, as public functions.
+
+A trainer (align/flow_grpo.py, crd.py, gdro.py, nft.py, awm.py) holds its config, its loss and its
+epoch; this module holds the rest:
+
+    run = setup_run(cfg, model, reward, frozen_reference)   accelerator, model, reward, trainable
+                                                             weights, optimizer, prompts, monitors
+    samples = collect_samples(run, batch, ...)               rollouts -> decode -> reward (final latents)
+    targets = advantage_targets(...)                         group advantages over all ranks
+    optimizer_step(run)                                      clip -> step -> zero_grad
+    run_epochs(run, epoch_fn, state=..., eval_weights=...)   the epoch loop: held-out evaluation and the
+                                                             hacking monitor, progress, metrics.csv /
+                                                             TensorBoard / PNG curve, checkpoint cadence,
+                                                             atomic save and exact resume, Ctrl-C save,
+                                                             final evaluation, export, summary table
+
+Everything random in an epoch is seeded from (seed, epoch, purpose, ...) through `derive_seed`, so
+a resumed run replays exactly the epochs an uninterrupted run would have, and P ranks see the same
+global batch as one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from samplers.rollout import rollout
+from samplers.schedules import flow_sigmas, shift_sigmas
+
+from .advantages import distributed_group_advantages
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import doc, save_config
+from .data import PromptDataset, SampleBatch, derive_seed, load_prompt_items
+from .metrics import MetricsLogger, TrainingProgress, write_summary
+from .runtime import WEIGHT_DTYPES, configure_transformer, load_flow_model, make_accelerator, setup_trainable
+
+__all__ = ["OptimizerConfig", "EMAConfig", "ForwardSamplerConfig", "Run", "setup_run", "encode_prompts", "initial_noise", "Samples", "collect_samples",
+           "advantage_targets", "optimizer_step", "evaluate", "reward_name", "save_run", "restore_run",
+           "export_final", "run_epochs", "StateBundle", "SampleUpdate", "plan_sample_updates", "training_times", "training_noise",
+           "NOISE", "STEP_NOISE"]
+
+# Purposes for derive_seed(seed, epoch, PURPOSE, ...) shared by the trainers (independent streams).
+NOISE, STEP_NOISE = 1, 2
+
+
+# ============================================================================= shared settings
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW on the trainable parameters."""
+
+    lr: float = doc(3e-4, "Learning rate (Flow-GRPO LoRA: 3e-4; full fine-tunes want ~1e-5).")
+    weight_decay: float = doc(1e-4, "AdamW weight decay.")
+    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = doc(1.0, "Clip the global gradient norm to this (0 = no clipping, norm still logged).")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable parameters."""
+
+    enabled: bool = doc(True, "Keep an EMA of the trainable parameters.")
+    decay: float = doc(0.9, "EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay).")
+    update_interval: int = doc(8, "Optimizer steps between EMA updates (Flow-GRPO: 8).")
+    use_for_eval: bool = doc(True, "Evaluate held-out prompts with the EMA weights.")
+
+
+@dataclass
+class ForwardSamplerConfig:
+    """Rollouts and held-out evaluation of the trainers that train on final samples (forward process)."""
+
+    num_steps: int = doc(10, "Denoising steps of training rollouts.")
+    eval_num_steps: int = doc(40, "Steps of the deterministic ODE sampler for held-out evaluation.")
+    step_type: str = doc("ode", "Step of the training rollouts, any name in samplers.steps.STEPS ('ode', "
+                                "'flow_grpo_sde', 'dance_sde', 'cps'): only final samples are trained on, so "
+                                "any sampler works.")
+    step_params: dict[str, float] = doc({}, "Parameters of a stochastic step, e.g. {noise_level: 0.7}.")
+    guidance: float = doc(1.0, "CFG scale of rollouts and of the training forwards (1 = CFG-free).")
+    eval_guidance: float | None = doc(None, "CFG scale for evaluation; null = `guidance`.")
+    shift: float = doc(3.0, "Timestep shift of the sampling sigma schedule.")
+    negative_prompt: str = doc("", "Negative prompt of CFG.")
+    batch_size: int = doc(8, "Rollouts per forward batch on each rank (also the evaluation batch).")
+    resolution: int | None = doc(None, "Square image side in px (null: the model's native size).")
+
+    def __post_init__(self):
+        from samplers.steps import STEPS
+
+        if self.num_steps < 1 or self.eval_num_steps < 1 or self.batch_size < 1:
+            raise ValueError("sampler.num_steps, eval_num_steps and batch_size must be >= 1")
+        if self.step_type not in STEPS:
+            raise ValueError(f"sampler.step_type must be one of {sorted(STEPS)}, got {self.step_type!r}")
+
+
+def reward_name(spec: str | dict) -> str:
+    """The name a reward spec is logged under (eval_<name>_mean)."""
+    return spec if isinstance(spec, str) else str(spec.get("name", spec.get("type", "monitor")))
+
+
+@dataclass
+class Run:
+    """A training run's live objects (built by `setup_run`)."""
+
+    cfg: Any
+    accelerator: Any
+    model: Any  # FlowModel adapter; keeps the raw transformer
+    policy: Any  # the transformer as prepared by accelerate (DDP-wrapped with several ranks)
+    reward_fn: Any
+    trainable: dict[str, torch.nn.Parameter]
+    reference: Any  # frozen transformer copy (full fine-tune with a KL), else None (LoRA disabled = reference)
+    optimizer: Any
+    train_data: PromptDataset
+    eval_items: list[dict]
+    monitors: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+
+def setup_run(cfg, model=None, reward=None, frozen_reference: bool = False) -> Run:
+    """Accelerator, model (cfg.model unless given), reward (cfg.reward unless given), trainable weights
+    (LoRA or full, cfg.lora), attention / checkpointing, AdamW (cfg.optimizer), prompts and monitors."""
+    from rewards import build_reward
+
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
+    torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
+    model.to(accelerator.device)
+    reward_fn = reward if reward is not None else build_reward(cfg.reward)
+    trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=frozen_reference)
+    configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(trainable.values(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    # only the trainable module goes through prepare (DDP); the adapter keeps the raw transformer for
+    # sampling, LoRA switching and saving, and borrows the wrapped one for forwards under grad
+    policy, optimizer = accelerator.prepare(model.transformer, optimizer)
+    train_data = PromptDataset(load_prompt_items(cfg.prompts.split, cfg.prompts.file), seed=cfg.seed)
+    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,
+                                   cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
+    monitors = {reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
+    return Run(cfg, accelerator, model, policy, reward_fn, trainable, reference, optimizer, train_data, eval_items,
+               monitors, Path(cfg.output_dir))
+
+
+# ============================================================================= rollouts and rewards
+
+
+def encode_prompts(model, prompts: list[str], guidance: float, negative_prompt: str = ""):
+    """Conditioning of n prompts, each distinct prompt encoded once (with negatives if guidance > 1)."""
+    unique = list(dict.fromkeys(prompts))
+    cond = model.encode_prompt(unique, negative_prompt=negative_prompt if guidance > 1 else None)
+    return cond.index(torch.tensor([unique.index(p) for p in prompts], device=model.device))
+
+
+def initial_noise(seed: int, epoch: int, batch: SampleBatch, latent_shape, share: bool) -> Tensor:
+    """[n, *latent] noise seeded per sample (or per group if `share`), independent of the rank layout."""
+    keys = batch.group_ids if share else batch.sample_ids
+    return torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(
+        derive_seed(seed, epoch, NOISE, int(share), int(k)))) for k in keys])
+
+
+def score_images(reward_fn, images: Tensor, batch: SampleBatch, idx) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reward of decoded images of batch[idx] -> (scores [b] fp32 on the CPU, per-sample extras [b])."""
+    out = reward_fn(images, batch.prompts[idx], metadata=batch.metadata[idx], group_ids=batch.group_ids[idx])
+    extras = {k: v.detach().float().cpu() for k, v in out.extras.items()
+              if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == images.shape[0]}
+    return out.scores.float().cpu(), extras
+
+
+def cat_extras(chunks: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate per-chunk extras, keeping the keys every chunk has."""
+    keys = set.intersection(*(set(c) for c in chunks)) if chunks else set()
+    return {k: torch.cat([c[k] for c in chunks]) for k in sorted(keys)}
+
+
+@dataclass
+class Samples:
+    """This rank's samples of an epoch: final latents only, their conditioning and rewards."""
+
+    latents: Tensor  # [n, *latent] fp32 clean samples x0
+    cond: Any  # conditioning of the n samples (with negatives when some forward uses CFG)
+    rewards: Tensor  # [n] fp32, NaN = not scored
+    extras: dict[str, Tensor]  # per-sample reward extras [n] (e.g. "strict")
+
+
+@torch.no_grad()
+def collect_samples(model, reward_fn, batch: SampleBatch, sampler, seed: int, epoch: int, *,
+                    share_noise: bool = False, encode_guidance: float | None = None) -> Samples:
+    """Sample this rank's share with the model's current weights, keep the final latents, score them.
+
+    sampler: a config with num_steps, shift, step_type, step_params, guidance, negative_prompt,
+    batch_size, resolution. encode_guidance: the largest CFG scale any later forward needs (the
+    negative prompt is encoded when it is > 1; default: sampler.guidance)."""
+    device = model.device
+    sigmas = flow_sigmas(sampler.num_steps, shift=sampler.shift, device=device)
+    guidance = sampler.guidance if encode_guidance is None else max(encode_guidance, sampler.guidance)
+    cond = encode_prompts(model, batch.prompts, guidance, sampler.negative_prompt)
+    noise = initial_noise(seed, epoch, batch, model.latent_shape(sampler.resolution, sampler.resolution),
+                          share_noise).to(device)
+    finals, rewards, extras = [], [], []
+    for start in range(0, len(batch), sampler.batch_size):
+        idx = slice(start, start + sampler.batch_size)
+        generator = torch.Generator(device=device).manual_seed(
+            derive_seed(seed, epoch, STEP_NOISE, int(batch.sample_ids[start])))
+        final = rollout(model, cond.index(idx), sigmas, step_types=sampler.step_type,
+                        step_params=dict(sampler.step_params), guidance=sampler.guidance,
+                        initial_noise=noise[idx], generator=generator).final
+        scores, more = score_images(reward_fn, model.decode(final), batch, idx)
+        finals.append(final)
+        rewards.append(scores)
+        extras.append(more)
+    return Samples(torch.cat(finals).float(), cond, torch.cat(rewards), cat_extras(extras))
+
+
+def advantage_targets(cfg, rewards: Tensor, extras: dict[str, Tensor], batch: SampleBatch,
+                      accelerator) -> tuple[Tensor, dict[str, float]]:
+    """Group advantages [n] (cfg.adv_std / adv_eps / adv_clip) of this rank's samples over the batch
+    gathered from all ranks, and metrics: reward statistics and reward_<extra> means (e.g. strict)."""
+    device = accelerator.device
+    advantages, metrics = distributed_group_advantages(rewards.to(device), batch.group_ids.to(device), accelerator,
+                                                       std=cfg.adv_std, eps=cfg.adv_eps, clip=cfg.adv_clip)
+    out = {k: float(v) for k, v in metrics.items()}
+    out["adv_clip_fraction"] = out.pop("clip_fraction")
+    for key, values in extras.items():
+        gathered = accelerator.gather(values.to(device)) if accelerator.num_processes > 1 else values
+        out[f"reward_{key}"] = float(torch.nanmean(gathered.float()))
+    return advantages.cpu(), out
+
+
+def optimizer_step(run: Run) -> float:
+    """Clip the gradient norm (cfg.optimizer.max_grad_norm; 0 = none), step, zero the gradients;
+    returns the norm before clipping."""
+    max_norm = run.cfg.optimizer.max_grad_norm
+    norm = run.accelerator.clip_grad_norm_(list(run.trainable.values()), max_norm if max_norm > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ============================================================================= update plans
+
+
+@dataclass
+class SampleUpdate:
+    """One optimizer step: this rank's micro-batches (local sample indices), the inner epoch (seeds its
+    training points), and the weight P / (samples in the step over all ranks) of each sample's loss (a
+    mean over its training points), so DDP's mean over ranks is the mean over the step's samples. A rank
+    with none of the step's samples runs one zero-weight pass (scale 0) so the all-reduce still matches."""
+
+    micro_batches: list[list[int]]
+    inner: int
+    scale: float
+
+
+def plan_sample_updates(cfg, batch: SampleBatch, epoch: int, num_processes: int, purpose: int,
+                        keep: Tensor | None = None) -> list[SampleUpdate]:
+    """The epoch's optimizer steps: for each of cfg.inner_epochs passes, the global sample ids (those
+    with keep [N] True, default all) in a seeded order, split into cfg.updates_per_epoch chunks (the
+    same on every rank for any rank count); each rank trains its samples of a chunk in micro-batches
+    of cfg.micro_batch_size."""
+    local_index = {int(s): i for i, s in enumerate(batch.sample_ids)}  # global id -> local index
+    keep = torch.ones(batch.num_samples, dtype=torch.bool) if keep is None else keep
+    m = cfg.micro_batch_size
+    updates = []
+    for inner in range(cfg.inner_epochs):
+        order = torch.randperm(batch.num_samples, generator=torch.Generator().manual_seed(
+            derive_seed(cfg.seed, epoch, purpose, inner)))
+        for chunk in torch.tensor_split(order[keep[order]], cfg.updates_per_epoch):
+            if chunk.numel() == 0:
+                continue
+            local = [local_index[s] for s in chunk.tolist() if s in local_index]
+            micro_batches = [local[i : i + m] for i in range(0, len(local), m)]
+            scale = num_processes / chunk.numel()
+            updates.append(SampleUpdate(micro_batches, inner, scale) if micro_batches
+                           else SampleUpdate([[0]], inner, 0.0))
+    return updates
+
+
+def training_times(count: int | None, schedule: Tensor | None, shift: float, seed: int, batch: SampleBatch,
+                   index: list[int], epoch: int, inner: int, purpose: int) -> Tensor:
+    """[k, b] forward-process times of local samples `index`, shared by a prompt group (seeded by its id).
+
+    schedule None: k = count stratified times u in [j/k, (j+1)/k), shifted by `shift` (CRD).
+    schedule [S] (sigmas of the sampling schedule): all S if count is None or >= S (DiffusionNFT), else
+    one index per stratum of the S (AWM's discrete times)."""
+    k = len(schedule) if schedule is not None and (count is None or count >= len(schedule)) else count
+    if schedule is not None and k == len(schedule):
+        return schedule[:, None].expand(len(schedule), len(index)).clone()
+    columns = []
+    for i in index:
+        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, purpose, inner, int(batch.group_ids[i])))
+        u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=gen, dtype=torch.float64)) / k
+        if schedule is None:
+            columns.append(shift_sigmas(u.float(), shift))
+        else:
+            columns.append(schedule[(u * len(schedule)).long().clamp_max(len(schedule) - 1)])
+    return torch.stack(columns, dim=1)
+
+
+def training_noise(seed: int, batch: SampleBatch, index: list[int], epoch: int, inner: int, count: int,
+                   latent_shape, purpose: int) -> Tensor:
+    """[count, b, *latent] forward-process noise of local samples `index`, seeded per sample."""
+    return torch.stack([torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(
+        derive_seed(seed, epoch, purpose, inner, int(batch.sample_ids[i])))) for i in index], dim=1)
+
+
+# ============================================================================= held-out evaluation
+
+
+@torch.no_grad()
+def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: dict | None = None,
+             grid_path: Path | None = None) -> dict[str, float]:
+    """Held-out means with the ODE sampler at cfg.sampler.eval_num_steps: the trained reward
+    ("eval_reward_mean"), its per-sample extras (e.g. "eval_strict_mean"), the monitor rewards
+    ("eval_<name>_mean") and, for ShapesWorld prompts, the per-category strict score
+    ("eval_strict_<tag>"). Sample i uses seed i, so evaluations of different epochs and runs are
+    paired. With `grid_path`, the main process saves `cfg.eval_grid_size` of its samples, captioned
+    with the prompt and the headline score, as one PNG."""
+    from accelerate.utils import gather_object
+
+    from eval.grid import save_caption_grid
+    from samplers.generate import generate
+
+    s = cfg.sampler
+    repeats = cfg.prompts.eval_samples_per_prompt
+    samples = [(index, items[index // repeats]) for index in range(len(items) * repeats)]  # (seed, item)
+    mine = samples[accelerator.process_index :: accelerator.num_processes]
+    every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
+    results, grid_images, grid_index = [], [], []
+    for start in range(0, len(mine), s.batch_size):
+        chunk = mine[start : start + s.batch_size]
+        prompts = [item["prompt"] for _, item in chunk]
+        metas = [item.get("meta") for _, item in chunk]
+        images = generate(model, prompts, [i for i, _ in chunk], num_steps=s.eval_num_steps,
+                          guidance=s.guidance if s.eval_guidance is None else s.eval_guidance, shift=s.shift,
+                          sampler="ode", negative_prompt=s.negative_prompt, batch_size=s.batch_size,
+                          resolution=s.resolution)
+        images = images.to(model.device)
+        out = reward_fn(images, prompts, metadata=metas)
+        per_sample = {"reward": out.scores.float().cpu()}
+        per_sample.update({k: v.float().cpu() for k, v in out.extras.items()
+                           if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
+        for name, monitor in (monitors or {}).items():
+            per_sample[name] = monitor(images, prompts, metadata=metas).scores.float().cpu()
+        for j in range(len(chunk)):
+            if every and (start + j) % every == 0 and len(grid_images) < cfg.eval_grid_size:
+                grid_images.append(images[j].cpu())
+                grid_index.append(len(results) + j)
+        results += [{"tag": (meta or {}).get("tag"), **{k: float(v[j]) for k, v in per_sample.items()}}
+                    for j, meta in enumerate(metas)]
+    if grid_path is not None and grid_images and accelerator.is_main_process:
+        key = "strict" if "strict" in results[0] else "reward"
+        captions = [f"{key} {results[i][key]:.2f}: {mine[i][1]['prompt']}" for i in grid_index]
+        save_caption_grid(torch.stack(grid_images), captions, grid_path, ncol=6)
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    metrics = {}
+    for key in [k for k in results[0] if k != "tag"] if results else []:
+        values = torch.tensor([r.get(key, math.nan) for r in results])
+        metrics[f"eval_{key}_mean"] = float(torch.nanmean(values))
+    headline = "strict" if results and "strict" in results[0] else "reward"
+    for tag in dict.fromkeys(r["tag"] for r in results if r["tag"]):
+        metrics[f"eval_{headline}_{tag}"] = float(torch.nanmean(torch.tensor([r[headline] for r in results
+                                                                            if r["tag"] == tag])))
+    metrics["eval_num_samples"] = len(results)
+    return metrics
+
+
+# ============================================================================= checkpoints
+
+
+def save_run(run: Run, epoch: int, global_step: int, state=None) -> None:
+    """Checkpoint of the state after `epoch` (collective: every rank must call it). state: the trainer's
+    extra state (an object with state_dict / load_state_dict, e.g. EMA or snapshots), stored in the
+    checkpoint's "ema" slot."""
+    from accelerate.utils import gather_object
+
+    accelerator, cfg = run.accelerator, run.cfg
+    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    if accelerator.is_main_process:
+        payload = {"optimizer": run.optimizer.state_dict(), "rng": rng,
+                   "ema": state.state_dict() if state is not None else None}
+        export = (lambda folder: run.model.save_lora(folder / "lora")) if cfg.lora.rank > 0 else None
+        save_checkpoint(cfg.output_dir, epoch, {n: p.detach() for n, p in run.trainable.items()}, payload,
+                        info={"global_step": global_step}, export=export, keep_last=cfg.keep_checkpoints or None)
+    accelerator.wait_for_everyone()
+
+
+def restore_run(run: Run, path: Path, state=None) -> tuple[int, int]:
+    """Load a checkpoint into the run; returns (next epoch, global step)."""
+    weights, payload, info = load_checkpoint(path)
+    missing = set(run.trainable) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trainable weights, e.g. {sorted(missing)[:3]} "
+                         "(was it written with the same model and LoRA settings?)")
+    with torch.no_grad():
+        for name, p in run.trainable.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    run.optimizer.load_state_dict(payload["optimizer"])
+    if state is not None and payload.get("ema") is not None:
+        state.load_state_dict(payload["ema"])
+    rng = payload.get("rng") or []
+    if len(rng) == run.accelerator.num_processes:  # another world size: keep the fresh RNG states
+        set_rng_state(rng[run.accelerator.process_index])
+    return int(info["epoch"]) + 1, int(info["global_step"])
+
+
+def export_final(run: Run, ema=None) -> None:
+    """OUTPUT_DIR/final (and final_ema with an EMA): the LoRA in diffusers format, or the whole model folder."""
+    model = run.model
+    save = (lambda d: model.save_lora(d)) if run.cfg.lora.rank > 0 else (lambda d: model.save_pretrained(d))
+    save(run.out_dir / "final")
+    if ema is not None:
+        with ema.swapped():
+            save(run.out_dir / "final_ema")
+
+
+# ============================================================================= the loop
+
+
+class StateBundle:
+    """A trainer's extra state objects by name (EMAs, snapshots; None allowed), saved together in a
+    checkpoint."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() if v is not None else None for k, v in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.parts.items():
+            if v is not None and state.get(k) is not None:
+                v.load_state_dict(state[k])
+
+
+def run_epochs(run: Run, epoch_fn: Callable[[int, int], tuple[dict[str, Any], int]], *, title: str,
+               summary: Callable[[dict[str, Any]], str], state=None, eval_weights=contextlib.nullcontext,
+               export_ema=None) -> dict[str, Any]:
+    """The epoch loop every trainer shares; returns the last epoch's metrics (plus the final evaluation).
+
+    epoch_fn(epoch, global_step) -> (metrics, global_step): the trainer's rollouts and optimizer steps
+    of one epoch. state: the trainer's extra state saved with each checkpoint (EMA, snapshots).
+    eval_weights(): context in which held-out evaluation runs (e.g. EMA weights swapped in).
+    Around it: held-out evaluation every cfg.eval_every epochs (and after training) with the hacking
+    monitor, progress and a summary line per epoch, metrics.csv / TensorBoard / PNG, checkpoints every
+    cfg.checkpoint_every epochs and at the end, resume from the newest checkpoint (cfg.resume), a
+    checkpoint on Ctrl-C when the weights are those of the last finished epoch, the final export.
+    """
+    from eval.monitor import HackingMonitor
+
+    cfg, accelerator = run.cfg, run.accelerator
+    start_epoch, global_step = 0, 0
+    checkpoint = latest_checkpoint(run.out_dir) if cfg.resume else None
+    if checkpoint is not None:
+        start_epoch, global_step = restore_run(run, checkpoint, state)
+    if run.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.out_dir / "config.yaml")
+        if checkpoint is not None and not cfg.quiet:
+            print(f"resuming from {checkpoint} (epoch {start_epoch} of {cfg.num_epochs})", flush=True)
+    logger = MetricsLogger(run.out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
+                           title=title, enabled=run.is_main, wandb_project=cfg.wandb_project,
+                           run_config=dataclasses.asdict(cfg))
+    hacking = HackingMonitor(held_out=[f"eval_{name}_mean" for name in run.monitors], history=logger.rows,
+                             log_path=run.out_dir / "monitor.jsonl" if run.is_main else None)
+
+    def held_out(epoch: int) -> dict[str, float]:
+        with eval_weights():
+            out = evaluate(run.model, run.reward_fn, run.eval_items, cfg, accelerator, run.monitors,
+                           grid_path=run.out_dir / "samples" / f"epoch_{epoch:04d}.png")
+        out.update(hacking.update(epoch, out))
+        return out
+
+    metrics: dict[str, Any] = {}
+    last_saved = start_epoch - 1 if checkpoint is not None else None
+    completed, dirty = start_epoch - 1, False  # last finished epoch; weights changed since then?
+    try:
+        with TrainingProgress(cfg.num_epochs, start_epoch, enabled=run.is_main, quiet=cfg.quiet) as progress:
+            for epoch in range(start_epoch, cfg.num_epochs):
+                epoch_start = time.perf_counter()
+                metrics = {}
+                if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    metrics.update(held_out(epoch))
+                    metrics["time_eval"] = time.perf_counter() - epoch_start
+                cpu_start = time.process_time()  # training cost, evaluation excluded
+                dirty = True
+                epoch_metrics, global_step = epoch_fn(epoch, global_step)
+                metrics.update(epoch_metrics)
+                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
+                metrics["global_step"] = global_step
+                metrics["time_epoch"] = time.perf_counter() - epoch_start
+                logger.log(epoch, metrics)
+                progress.advance(epoch, summary(metrics))
+                completed, dirty = epoch, False
+                if epoch == cfg.num_epochs - 1 or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+                    save_run(run, epoch, global_step, state)
+                    last_saved = epoch
+    except KeyboardInterrupt:
+        # Checkpoint at exit if the weights are still those of the last finished epoch (a half-done
+        # update phase cannot be resumed exactly), on one process only (with several, ranks stop at
+        # different points and a collective save could hang).
+        if run.num_processes == 1 and not dirty and completed >= 0 and completed != last_saved:
+            save_run(run, completed, global_step, state)
+            print(f"interrupted: saved the checkpoint of epoch {completed}", flush=True)
+        raise
+
+    if cfg.eval_every and start_epoch < cfg.num_epochs:
+        final = held_out(cfg.num_epochs)
+        metrics.update({f"final_{k}": v for k, v in final.items()})
+        logger.log(cfg.num_epochs, final)  # an evaluation-only row: the weights after the last epoch
+    if run.is_main:
+        export_final(run, export_ema)
+        logger.close()
+        write_summary(logger.rows, run.out_dir / "summary.md", title, echo=not cfg.quiet)
+    accelerator.wait_for_everyone()
+    metrics["last_checkpoint_epoch"] = last_saved
+    return metrics
