@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .metrics import METRICS_CSV, read_metrics_csv
+
 __all__ = [
     "CHECKPOINTS",
     "checkpoint_dir",
@@ -36,6 +38,10 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
+    "RunExistsError",
+    "existing_run",
+    "prepare_output_dir",
+    "clear_output_dir",
     "rng_state",
     "set_rng_state",
 ]
@@ -65,6 +71,69 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under OUTPUT_DIR/checkpoints, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+
+class RunExistsError(ValueError):
+    """A fresh start was asked for in a folder that holds a previous run."""
+
+
+def existing_run(output_dir: str | Path) -> str | None:
+    """What of a previous training run OUTPUT_DIR holds ("checkpoints up to epoch 4, metrics.csv
+    up to epoch 5"), or None if it holds no checkpoint and no metrics row."""
+    output_dir = Path(output_dir)
+    found = []
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        found.append(f"checkpoints up to epoch {checkpoints[-1][0]}")
+    rows = read_metrics_csv(output_dir / METRICS_CSV)
+    if rows:
+        found.append(f"{METRICS_CSV} up to epoch {max(row.get('epoch', 0) for row in rows)}")
+    return ", ".join(found) or None
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                       is_main: bool = True) -> Path | None:
+    """The one rule for where a training run starts; returns the checkpoint to resume from or None.
+
+    resume: continue from the newest checkpoint (a fresh start if there is none).
+    overwrite: delete a previous run in OUTPUT_DIR first (`clear_output_dir`, main process only).
+    Neither: a fresh start, refused with RunExistsError if OUTPUT_DIR already holds checkpoints or
+    metrics, so re-running a command never silently replaces a run's results. Every process
+    calls it (the check only reads), so all ranks agree on whether the run starts.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in output_dir, "
+                         "--overwrite deletes it")
+    if resume:
+        return latest_checkpoint(output_dir)
+    previous = existing_run(output_dir)
+    if previous is None:
+        return None
+    if not overwrite:
+        raise RunExistsError(f"{output_dir} already holds a run ({previous}); pass --resume to continue it, "
+                             "--overwrite to delete it and start again, or choose another output_dir=...")
+    if is_main:
+        clear_output_dir(output_dir)
+    return None
+
+
+def clear_output_dir(output_dir: str | Path) -> None:
+    """Delete OUTPUT_DIR: it is first renamed to a hidden sibling (one atomic step, so the old run
+    is either all there or gone from OUTPUT_DIR), then removed. Refuses the working directory, a
+    folder above it, the home folder and the filesystem root."""
+    path = Path(output_dir)
+    if not path.exists():
+        return
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve() or resolved.parent == resolved:
+        raise ValueError(f"refusing to delete {output_dir} (the working directory, a folder above it, home or /); "
+                         "choose a run folder as output_dir")
+    aside = path.parent / f".{path.name}.deleting-{os.getpid()}"
+    os.replace(path, aside)
+    shutil.rmtree(aside)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -62,7 +62,7 @@ def _add_sample(sub) -> None:
 
 def _run_sample(args) -> None:
     from .config import load_config
-    from .sample import SampleConfig, read_prompt_file, sample_to, shapesworld_prompts
+    from .sample import SampleConfig, load_sampling_model, read_prompt_file, sample_to, shapesworld_prompts
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # `align sample num_steps=20`: no config file, only overrides
@@ -87,8 +87,9 @@ def _run_sample(args) -> None:
         num = args.num if args.num is not None else (16 if not (args.prompt or args.prompts) else len(items))
     from rewards.base import progress_bar
 
-    with progress_bar(num, "sampling") as advance:
-        out = sample_to(cfg, items, num, args.seed, args.out, progress=advance)
+    model = load_sampling_model(cfg)  # says "loading model ..." before the bar starts
+    with progress_bar(num, "sampling", unit="samples") as advance:
+        out = sample_to(cfg, items, num, args.seed, args.out, progress=advance, model=model)
     print(f"wrote {num} samples to {out}")
 
 
@@ -195,16 +196,18 @@ def _run_reward_score(args) -> None:
     from eval.score import list_media, score_media, summarize_scores, write_results
     from rewards import build_reward
     from rewards.base import progress_bar
+    from samplers.progress import status
 
     if args.batch_size < 1 or args.frames < 1:
         raise CLIError("--batch-size and --frames must be >= 1")
     source = "--reward" if args.reward else str(args.reward_config)
+    items = list_media(args.folder, args.metadata)  # a bad folder fails before a reward model loads
     try:
+        status(f"loading reward {', '.join(args.reward) if args.reward else args.reward_config} ...")
         reward = build_reward(_reward_spec(args))
     except (TypeError, ValueError) as err:
         raise CLIError(f"{source}: {err}") from None
-    items = list_media(args.folder, args.metadata)
-    with progress_bar(len(items), f"scoring with {reward.name}") as advance:
+    with progress_bar(len(items), f"scoring with {reward.name}", unit="files") as advance:
         rows = score_media(args.folder, items, reward, batch_size=args.batch_size, num_frames=args.frames,
                            on_error=lambda message: print(f"align: skipped {message}", file=sys.stderr),
                            on_progress=advance)
@@ -322,6 +325,8 @@ def _add_rollout(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="rollout YAML, e.g. configs/shapes/rollout.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. group_size=6")
+    p.add_argument("--overwrite", action="store_true", help="delete the store in output_dir and generate it again "
+                   "(without it, a store of the same settings is finished, one of other settings refused)")
     p.set_defaults(func=_run_rollout)
 
 
@@ -329,7 +334,7 @@ def _run_rollout(args) -> None:
     from .config import load_config
     from .rollout_store import RolloutConfig, build_store, store_summary
 
-    cfg = load_config(RolloutConfig, args.config, args.overrides)
+    cfg = load_config(RolloutConfig, args.config, list(args.overrides) + ["overwrite=true"] * args.overwrite)
     store = build_store(cfg)
     summary = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in store_summary(store).items())
@@ -355,30 +360,46 @@ def _add_train(sub) -> None:
                                    f"({', '.join(sorted(TRAINERS))}). key=value overrides any config field; "
                                    "`align train CONFIG --help-config` lists them.",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="experiment YAML, e.g. configs/shapes/flow_grpo.yaml")
+    p.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/shapes/flow_grpo.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. num_epochs=5 optimizer.lr=1e-5")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--help-config", action="store_true", help="list the algorithm's config keys and exit")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in output_dir and start again (without --resume or "
+                            "--overwrite, a fresh start into a folder holding checkpoints or metrics is refused)")
+    p.add_argument("--help-config", action="store_true",
+                   help="with CONFIG: the effective value of every key (file, overrides, defaults) and where it "
+                        "came from; without: every trainer's keys, types, defaults and documentation; then exit")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> None:
     import importlib
 
-    from .config import config_class_for, describe_config, load_any_config
+    from .config import config_class_for, describe_config, describe_effective_config, load_any_config
 
-    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `align train algorithm=crd --help-config`: no file, only overrides
+        config, overrides = None, [config] + overrides
+    overrides += ["resume=true"] * args.resume + ["overwrite=true"] * args.overwrite
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise CLIError(f"expected key=value overrides, got {bad[0]!r}")
-    name, cfg = load_any_config(args.config, overrides)
-    if name not in TRAINERS:
-        raise CLIError(f"{args.config}: algorithm {name!r} is not a training algorithm; "
-                       f"trainers: {', '.join(sorted(TRAINERS))}")
-    if args.help_config:
-        print(describe_config(config_class_for(name)))
+    if config is None and not any(o.startswith("algorithm=") for o in overrides):
+        if not args.help_config:
+            raise CLIError("pass an experiment YAML, e.g. align train configs/shapes/flow_grpo.yaml")
+        print("\n".join(describe_config(config_class_for(name)) for name in TRAINERS))  # the defaults
         return
-    importlib.import_module(TRAINERS[name]).train(cfg)
+    name, cfg = load_any_config(config, overrides)
+    if name not in TRAINERS:
+        raise CLIError(f"{config}: algorithm {name!r} is not a training algorithm; "
+                       f"trainers: {', '.join(sorted(TRAINERS))}")
+    module = importlib.import_module(TRAINERS[name])
+    if args.help_config:
+        resolve = getattr(module, "resolve_variant_defaults", None)  # the nulls a trainer fills itself
+        print(describe_effective_config(cfg, config, overrides, resolve(cfg) if resolve else None), end="")
+        return
+    module.train(cfg)
 
 
 # ------------------------------------------------------------------------------ eval
@@ -454,7 +475,7 @@ def _eval_checkpoint(label: str, model_spec: str, lora: str | None, args):
 
 
 def _run_eval(args) -> None:
-    from rich.progress import Progress
+    from samplers.progress import Progress
 
     from eval.dense import dense_prompts, load_captions
     from eval.geneval import load_metadata
@@ -500,16 +521,23 @@ def _run_eval(args) -> None:
     config = {"prompts": str(args.prompts or f"shapesworld:{args.split}:{args.per_tag}"), "limit": args.limit,
               "captions": str(args.captions or f"shapes_dense:{args.dense_prompts}"), "judge": args.judge,
               "num_steps": args.num_steps, "guidance": args.guidance, "detector": args.detector}
-    with Progress(disable=not sys.stderr.isatty()) as bars:
-        def progress(what, total):
-            task = bars.add_task(what, total=total)
-            return lambda n: bars.advance(task, n)
+    bars: list[Progress] = []  # one task at a time: a new one ends the one before
 
+    def progress(what, total):
+        if bars:
+            bars.pop().__exit__(None, None, None)
+        bars.append(Progress(total, what, unit="items").__enter__())
+        return bars[-1].advance
+
+    try:
         results = run_suite(checkpoints, benchmarks, args.out, geneval_items=geneval_items, dense_items=dense_items,
                             images_per_prompt=args.images_per_prompt, seed=args.seed, detector=args.detector,
                             judge=args.judge, both_orders=args.both_orders, rewards=rewards,
                             optimised=args.optimised_reward, batch_size=args.batch_size, config=config,
                             progress=progress, run_monitor=run_monitor)
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
     paths = write_report(args.out, results)
     for title, header, rows in tables(results)[1:]:
         print(f"\n{title}\n" + "\n".join("  ".join(row) for row in [header, *rows]))
@@ -575,6 +603,11 @@ def _quiet_library_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "torch" not in sys.modules and argv and not argv[0].startswith("-") and "-h" not in argv \
+            and "--help" not in argv:
+        # the subcommands import torch / diffusers / transformers (seconds, more on a busy machine): say so
+        print(f"align {argv[0]}: importing torch, diffusers, transformers ...", file=sys.stderr, flush=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_library_progress()

@@ -48,6 +48,7 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "describe_config",
+    "describe_effective_config",
     "parse_overrides",
 ]
 
@@ -704,6 +705,68 @@ def _describe_fields(cls: type, prefix: str, base: Any, lines: list[str], width:
         lines.append(f"  {key} ({_type_name(tp)}; {default_text})")
         if help_text:
             lines.append(textwrap.indent(textwrap.fill(help_text, width - 6), "      "))
+
+
+def describe_effective_config(
+    cfg: Any, path: str | Path | None = None, overrides: Iterable[str] = (), resolved: Any = None
+) -> str:
+    """Every key of a loaded config with its effective value and where that value came from:
+    ``override`` (a key=value), ``PATH:LINE`` (the YAML file) or ``default`` (the dataclass);
+    a null that ``resolved`` (``cfg`` after the trainer fills its nulls, e.g. with a variant's
+    paper defaults) fills shows the filled value, marked ``null -> resolved``. ``path`` and
+    ``overrides`` are the ones ``cfg`` was loaded from."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    lines_of = _read_yaml(Path(path))[1].lines if path is not None else {}
+    from_overrides: dict = {}
+    for key, value, _ in parse_overrides(overrides):
+        *parents, last = key.split(".")
+        node = from_overrides
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[last] = value
+    rows: list[tuple[str, str, str]] = []
+    for key, value, filled in _effective_fields(cfg, resolved, ""):
+        if _has_path(from_overrides, key.split(".")):
+            origin = "override"
+        elif key in lines_of:
+            origin = f"{path}:{lines_of[key]}"
+        else:
+            origin = "default"
+        rows.append((key, value, origin + ", null -> resolved" * filled))
+    name = _registered_name_of(type(cfg))
+    inputs = ([str(path)] if path is not None else ["defaults"]) + [f"{len(list(overrides))} override(s)"] * bool(
+        from_overrides)
+    header = f"{type(cfg).__name__}" + (f" (algorithm: {name})" if name else "") + f": effective values from " \
+             f"{' + '.join(inputs)}"
+    width = max(len(key) for key, _, _ in rows)
+    body = [f"  {key:<{width}}  {value}  [{origin}]" for key, value, origin in rows]
+    return "\n".join([header, *body]) + "\n"
+
+
+def _effective_fields(cfg: Any, resolved: Any, prefix: str) -> list[tuple[str, str, bool]]:
+    """(dotted key, value text, whether `resolved` filled a null) for every leaf field of cfg."""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        key, value = _join(prefix, f.name), getattr(cfg, f.name)
+        other = getattr(resolved, f.name, None) if resolved is not None else None
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            rows += _effective_fields(value, other, key)
+        elif value is None and other is not None:
+            rows.append((key, _format_default(other), True))
+        else:
+            rows.append((key, _format_default(value), False))
+    return rows
+
+
+def _has_path(tree: dict, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def _nested_dataclass(tp: Any) -> type | None:

@@ -38,7 +38,7 @@ from samplers.rollout import rollout
 from samplers.schedules import flow_sigmas, shift_sigmas
 
 from .advantages import GroupIds, distributed_group_advantages
-from .checkpoint import latest_checkpoint
+from .checkpoint import prepare_output_dir
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
@@ -153,6 +153,8 @@ class CRDConfig:
     eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation; 0 = none.")
     eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
     resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
+    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
+                                 "fresh start into a folder holding checkpoints or metrics is refused.")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights' dtype on CUDA ('no' on CPU).")
     gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
     attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA only).")
@@ -425,6 +427,8 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
         raise ValueError(f"groups_per_epoch={cfg.groups_per_epoch} must be a multiple of the {P} processes "
                          "(each rank holds whole prompt groups)")
     out_dir = Path(cfg.output_dir)
+    # before any loading: refuse (or clear, with overwrite) a previous run; None is a fresh start
+    checkpoint = prepare_output_dir(out_dir, cfg.resume, cfg.overwrite, is_main)
     torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
@@ -445,7 +449,6 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
                                    cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
     monitors = {_reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
     start_epoch, global_step = 0, 0
-    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
     if checkpoint is not None:  # snapshots travel in the checkpoint's "ema" slot
         start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, snapshots)
     if is_main:
@@ -469,11 +472,13 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
 
                 # ---- held-out evaluation of the trained weights after `epoch` epochs
                 if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    progress.phase(f"epoch {epoch + 1}: evaluating")
                     metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
                                             grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts from the sampling snapshot, rewards, targets
+                progress.phase(f"epoch {epoch + 1}: sampling")
                 cpu_start = time.process_time()  # training cost, evaluation excluded
                 rollout_start = time.perf_counter()
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank)
@@ -484,6 +489,7 @@ def train(cfg: CRDConfig, model=None, reward=None) -> dict[str, Any]:
                 metrics.update(target_metrics)
 
                 # ---- optimizer steps on the forward process: accumulate -> clip -> step
+                progress.phase(f"epoch {epoch + 1}: training")
                 train_start = time.perf_counter()
                 stats, grad_norms = LossStats(), []
                 for update in plan_updates(cfg, batch, epoch, P):

@@ -46,7 +46,7 @@ from samplers.rollout import Trajectory, random_window, rescore_step, rollout, w
 from samplers.schedules import flow_sigmas
 
 from .advantages import gather_for_advantages, group_advantages, nonzero_group_mask
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, prepare_output_dir, rng_state, save_checkpoint, set_rng_state
 from .config import doc, register_config, save_config
 from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .ema import EMA
@@ -184,6 +184,11 @@ class FlowGRPOConfig:
     micro_batch_size: int = doc(8, "Samples per training forward on each rank. Re-scoring reproduces the "
                                    "sampling log-probs bit for bit only if the network sees the same batch "
                                    "shapes (hardware-dependent); see recompute_old_log_probs.")
+    cfg_detach_uncond: bool = doc(True, "With CFG, the training forward treats the unconditional branch as a "
+                                        "constant, so the gradient reaches the weights through the conditional "
+                                        "branch only (the Flow-GRPO reference); false backpropagates through "
+                                        "both branches (genalign before 0.2; gradient cosine 0.6-0.8 with the "
+                                        "reference's).")
     recompute_old_log_probs: bool = doc(False, "Re-score the trained transitions without grad in the training "
                                                "micro-batches before the first update, so the first ratio is "
                                                "exactly 1 whatever the batch shapes / kernels (one extra forward "
@@ -197,6 +202,8 @@ class FlowGRPOConfig:
                                   "evaluation, OUTPUT_DIR/samples/epoch_NNNN.png; 0 = none.")
     eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
     resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
+    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
+                                 "fresh start into a folder holding checkpoints or metrics is refused.")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc(
         "no", "Frozen weights / autocast dtype on CUDA ('no' on CPU); step and log-prob math is fp32 regardless.")
     gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
@@ -482,6 +489,7 @@ def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerat
 
     from eval.grid import save_caption_grid
     from samplers.generate import generate
+    from samplers.progress import track
 
     s = cfg.sampler
     repeats = cfg.prompts.eval_samples_per_prompt
@@ -489,7 +497,9 @@ def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerat
     mine = samples[accelerator.process_index :: accelerator.num_processes]
     every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
     results, grid_images, grid_index = [], [], []
-    for start in range(0, len(mine), s.batch_size):
+    batches = range(0, len(mine), s.batch_size)
+    for start in track(batches, "held-out evaluation", unit="batches", enabled=accelerator.is_main_process,
+                       quiet=getattr(cfg, "quiet", False)):
         chunk = mine[start : start + s.batch_size]
         prompts = [item["prompt"] for _, item in chunk]
         metas = [item.get("meta") for _, item in chunk]
@@ -645,7 +655,9 @@ def accumulate_gradients(model, policy, reference, rollouts: Rollouts, advantage
                 with torch.no_grad(), reference_policy(model, reference):
                     ref = rescore_step(model, cond, traj, i)
             with transformer_as(model, policy):
-                new = rescore_step(model, cond, traj, i)  # log p of the stored transition, with grad
+                # log p of the stored transition, with grad (through the conditional CFG branch only, as the
+                # reference does, unless cfg_detach_uncond is off)
+                new = rescore_step(model, cond, traj, i, detach_uncond=cfg.cfg_detach_uncond)
             if process is None:
                 policy_loss, metrics = clipped_policy_loss(new.log_prob, traj.log_probs[:, i], adv, cfg.clip_range)
             else:  # dual-reward GRPO: outcome + process clipped surrogates (the latter 0 outside the window)
@@ -680,6 +692,8 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
     is_main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
+    # before any loading: refuse (or clear, with overwrite) a previous run; None is a fresh start
+    checkpoint = prepare_output_dir(out_dir, cfg.resume, cfg.overwrite, is_main)
     torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
@@ -706,7 +720,6 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                                    cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
     monitors = {_reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
     start_epoch, global_step = 0, 0
-    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
     if checkpoint is not None:
         start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, ema)
     if is_main:
@@ -731,6 +744,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
 
                 # ---- held-out evaluation of the weights after `epoch` epochs
                 if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    progress.phase(f"epoch {epoch + 1}: evaluating")
                     with eval_weights():
                         metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
                                                 grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
@@ -738,6 +752,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
+                progress.phase(f"epoch {epoch + 1}: sampling")
                 cpu_start = time.process_time()  # training cost, evaluation excluded
                 rollout_start = time.perf_counter()
                 batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
@@ -756,6 +771,7 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
                     metrics.update(process_metrics)
 
                 # ---- policy updates: accumulate -> clip -> step -> EMA
+                progress.phase(f"epoch {epoch + 1}: training")
                 train_start = time.perf_counter()
                 updates = plan_updates(cfg, keep, batch, candidate_steps, epoch, P)
                 if cfg.recompute_old_log_probs:

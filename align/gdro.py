@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import prepare_output_dir
 from .config import doc, register_config, save_config
 from .data import PromptConfig, derive_seed, load_prompt_items
 from .ema import EMA
@@ -115,6 +115,8 @@ class GDROConfig:
     eval_every: int = doc(2, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
     eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation (0 = none).")
     resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
+    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
+                                 "fresh start into a folder holding checkpoints or metrics is refused.")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights dtype on CUDA ('no' on a CPU).")
     gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
     attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA with the package).")
@@ -276,6 +278,8 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
     if cfg.groups_per_step % P:
         raise ValueError(f"groups_per_step={cfg.groups_per_step} must be a multiple of the {P} processes")
     out_dir = Path(cfg.output_dir)
+    # before any loading: refuse (or clear, with overwrite) a previous run; None is a fresh start
+    checkpoint = prepare_output_dir(out_dir, cfg.resume, cfg.overwrite, is_main)
     torch.manual_seed(cfg.seed)  # LoRA init; the loop's randomness has its own seeded generators
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
@@ -311,7 +315,6 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
     eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,
                                    cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
     start_epoch, global_step = 0, 0
-    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
     if checkpoint is not None:
         start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, ema)
     if is_main:
@@ -336,12 +339,14 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
 
                 # ---- held-out evaluation of the weights after `epoch` epochs
                 if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    progress.phase(f"epoch {epoch + 1}: evaluating")
                     with eval_weights():
                         metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
                                                 grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
                     metrics["time_eval"] = time.perf_counter() - epoch_start
 
                 # ---- optimizer steps over the groups in a seeded order: accumulate -> clip -> step -> EMA
+                progress.phase(f"epoch {epoch + 1}: training")
                 cpu_start = time.process_time()  # training cost, evaluation excluded
                 train_start = time.perf_counter()
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(

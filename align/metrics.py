@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -247,50 +246,39 @@ def _plain(value: Any) -> Any:
 
 
 class TrainingProgress:
-    """A rich progress bar over epochs with ETA (on a terminal), plus a one-line summary per
-    epoch (always, unless `quiet`). Use as a context manager; `enabled=False` on non-main ranks."""
+    """Progress over epochs (`samplers.progress.Progress`: a rich bar with ETA on a terminal,
+    plain flushed lines elsewhere, at least every GENALIGN_PROGRESS_SECONDS while an epoch runs)
+    plus a one-line summary per epoch (unless `quiet`). Use as a context manager; `phase(text)`
+    says what the current epoch is doing; `enabled=False` on non-main ranks."""
 
     def __init__(self, total_epochs: int, start_epoch: int = 0, enabled: bool = True, quiet: bool = False,
                  description: str = "training"):
-        self.enabled, self.quiet = enabled, quiet
-        self.total, self.start = total_epochs, start_epoch
-        self.progress = None
-        self.started = time.monotonic()
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+        from samplers.progress import Progress
 
-            self.console = Console(stderr=True)
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     console=self.console, disable=not sys.stderr.isatty())
-            self.task = self.progress.add_task(description, total=total_epochs, completed=start_epoch)
+        self.total, self.start, self.quiet = total_epochs, start_epoch, quiet
+        self.bar = Progress(total_epochs, description, unit="epochs", start=start_epoch, enabled=enabled,
+                            quiet=quiet)
+        self.started = time.monotonic()
 
     def __enter__(self) -> "TrainingProgress":
-        if self.progress is not None:
-            self.progress.__enter__()
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+        self.bar.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        """What the current epoch is doing, e.g. "epoch 3: sampling"."""
+        self.bar.phase(text)
 
     def advance(self, epoch: int, summary: str = "") -> None:
         """Epoch `epoch` (0-based) is done; print `summary` with a plain-text ETA."""
-        if self.progress is None:
-            return
-        self.progress.update(self.task, completed=epoch + 1)
+        self.bar.phase("")
+        self.bar.update(epoch + 1)
         if not self.quiet and summary:
             done = epoch + 1 - self.start
             left = self.total - epoch - 1
             eta = (time.monotonic() - self.started) / max(done, 1) * left
-            self.progress.console.print(f"epoch {epoch + 1}/{self.total} {summary} | eta {_duration(eta)}",
-                                        highlight=False)
+            from samplers.progress import format_duration
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+            self.bar.print(f"epoch {epoch + 1}/{self.total} {summary} | eta {format_duration(eta)}")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from rewards.base import cosine_lr
+from samplers.progress import track
 
 
 def sample_train_metas(n: int, rng: np.random.Generator) -> list[dict]:
@@ -45,7 +46,7 @@ def train_vae(vae, steps: int, batch: int, lr: float, kl_weight: float, rng, log
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, steps // 20))
-    for step in range(steps):
+    for step in track(range(steps), "pretrain-toy: VAE"):
         images = render_batch(sample_train_metas(batch, rng), rng) * 2 - 1
         # the VAE is fully convolutional: random 32 px crops train it 4x cheaper than full images
         y, x = rng.integers(0, images.shape[-1] - crop + 1, size=2)
@@ -70,7 +71,7 @@ def encode_dataset(model, n: int, rng, batch: int = 256) -> tuple[torch.Tensor, 
     """Renders n train scenes and encodes them: raw VAE latents [n, 4, 16, 16] and prompts."""
     metas = sample_train_metas(n, rng)
     latents = []
-    for i in range(0, n, batch):
+    for i in track(range(0, n, batch), f"pretrain-toy: rendering and encoding {n} scenes", unit="batches"):
         images = render_batch(metas[i:i + batch], rng)
         latents.append(model.vae.encode(images * 2 - 1).latent_dist.mode())
     return torch.cat(latents), [m["prompt"] for m in metas]
@@ -88,7 +89,7 @@ def train_flow(model, latents, prompts, steps, batch, lr, warmup, caption_dropou
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
     n = latents.shape[0]
-    for step in range(steps):
+    for step in track(range(steps), "pretrain-toy: flow matching"):
         idx = torch.randint(0, n, (batch,), generator=gen)
         x0 = latents[idx]
         drop = torch.rand(batch, generator=gen) < caption_dropout

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from rewards.base import cosine_lr
+from samplers.progress import track
 from samplers.schedules import shift_sigmas
 
 
@@ -60,7 +61,8 @@ def encode_dataset(model, n: int, rng: np.random.Generator, batch: int = 8) -> t
 
     Small batches: the per-frame VAE is several times faster per frame on 64 frames than on 512."""
     metas = balanced_metas("train", n, rng)
-    latents = [model.encode(clips_tensor(metas[i:i + batch], rng)) for i in range(0, n, batch)]
+    latents = [model.encode(clips_tensor(metas[i:i + batch], rng))
+               for i in track(range(0, n, batch), f"pretrain-video-toy: rendering and encoding {n} clips", unit="batches")]
     return torch.cat(latents), [m["prompt"] for m in metas]
 
 
@@ -85,7 +87,7 @@ def train_flow(model, latents, prompts, steps, batch, lr, warmup, caption_dropou
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
     n = latents.shape[0]
-    for step in range(steps):
+    for step in track(range(steps), "pretrain-video-toy: flow matching"):
         idx = torch.randint(0, n, (batch,), generator=gen)
         x0 = latents[idx]  # [B, C, T, h, w]
         drop = torch.rand(batch, generator=gen) < caption_dropout

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from samplers.steps import STEPS
 
+from .checkpoint import clear_output_dir
 from .config import config_to_dict, doc, register_config
 from .data import PromptDataset, derive_seed, load_prompt_items
 
@@ -48,7 +49,7 @@ __all__ = ["RolloutConfig", "RolloutGroup", "RolloutStore", "CorruptShardError",
 FORMAT, VERSION = "genalign-rollout-store", 1
 MANIFEST = "manifest.json"
 # config keys that may change between a run and its resumption (they do not change the samples)
-NOT_GENERATING = ("output_dir", "quiet", "device")
+NOT_GENERATING = ("output_dir", "quiet", "device", "overwrite")
 _NOISE, _STEP_NOISE = 1, 2  # derive_seed purposes
 
 
@@ -78,7 +79,10 @@ class RolloutConfig:
     groups_per_shard: int = doc(16, "Groups per shard: the unit of atomic writes and of work lost to a kill.")
     save_images: bool = doc(True, "Also store the decoded images as uint8 (for inspection and re-scoring).")
     seed: int = doc(0, "Seed of the prompt order and every sample's noise.")
-    output_dir: str = doc("runs/shapes/rollouts", "The store folder (an existing store is resumed).")
+    output_dir: str = doc("runs/shapes/rollouts", "The store folder. A store of the same settings is resumed "
+                                                  "(exact: finished shards are kept, none is rewritten); one of "
+                                                  "other settings is refused unless overwrite.")
+    overwrite: bool = doc(False, "Delete the store in output_dir first and generate it again.")
     device: str = doc("auto", "torch device ('auto': cuda if available, else cpu).")
     dtype: str = doc("fp32", "Model weights dtype: fp32, bf16 or fp16 (half precision needs CUDA).")
     quiet: bool = doc(False, "No per-shard progress lines.")
@@ -299,7 +303,7 @@ def _open_manifest(cfg: RolloutConfig, root: Path, num_groups: int, sampling: di
     if changed or existing["sampling"] != sampling:
         what = ", ".join(changed) or "the model's sampler defaults"
         raise ValueError(f"{root} holds a rollout store generated with other settings ({what} differ); "
-                         "use another output_dir or delete the store")
+                         "pass --overwrite to delete it and generate it again, or choose another output_dir=...")
     return existing
 
 
@@ -355,6 +359,7 @@ def build_store(cfg: RolloutConfig, model=None) -> RolloutStore:
     from safetensors.torch import save
 
     from rewards import build_reward
+    from samplers.progress import track
     from samplers.schedules import flow_sigmas
 
     from .runtime import load_flow_model
@@ -372,6 +377,8 @@ def build_store(cfg: RolloutConfig, model=None) -> RolloutStore:
                 "shift": cfg.shift or defaults.get("shift", 3.0)}
     plan = _plan(cfg)
     root = Path(cfg.output_dir)
+    if cfg.overwrite:
+        clear_output_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".*.tmp-*"):  # temporary files of a killed run
         leftover.unlink(missing_ok=True)
@@ -387,7 +394,7 @@ def build_store(cfg: RolloutConfig, model=None) -> RolloutStore:
     todo = [i for i in range(manifest["num_shards"]) if _shard_name(i) not in manifest["shards"]]
     if not cfg.quiet and len(todo) < manifest["num_shards"]:
         print(f"{root}: {manifest['num_shards'] - len(todo)} of {manifest['num_shards']} shards already done")
-    for index in todo:
+    for index in track(todo, f"rollout store {root}", unit="shards", quiet=cfg.quiet):
         start_time = time.perf_counter()
         start_cpu = time.process_time()
         first = index * cfg.groups_per_shard

@@ -88,6 +88,9 @@ def make_accelerator(mixed_precision: str = "no", find_unused_parameters: bool =
 def load_flow_model(spec: str, device: torch.device | str = "cpu"):
     """A FlowModel adapter: "toy:<size>" / "toy_video:<size>" (fresh random image / video toy model,
     tests), "shapesworld", "shapesworld_video", a folder or hub id."""
+    from samplers.progress import status
+
+    status(f"loading model {spec} on {device} ...")
     if spec.startswith("toy:"):  # a freshly initialised toy model of the named size (tests, smoke runs)
         from samplers.models.shapesworld import toy_components
 

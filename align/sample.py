@@ -57,10 +57,13 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def load_sampling_model(cfg: SampleConfig):
     from samplers.models import load_model
+    from samplers.progress import status
 
     dtype = resolve_dtype(cfg.dtype, cfg.device)
+    status(f"loading model {cfg.model} on {cfg.device} ...")
     model = load_model(cfg.model, device=cfg.device, torch_dtype=dtype)
     if cfg.lora:
+        status(f"loading LoRA {cfg.lora} ...")
         model.load_lora(cfg.lora)
     return model
 
@@ -112,10 +115,12 @@ def shapesworld_video_prompts(split: str, per_tag: int) -> list[dict]:
             for tag in VIDEO_TAGS for i in range(per_tag)]
 
 
-def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Path, progress=None) -> Path:
+def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Path, progress=None,
+              model=None) -> Path:
     """Samples `num` images (or videos) cycling through `items`; writes a captioned grid (.png
     `out`; videos as filmstrips) or a folder of PNGs (videos: lossless H.264 .mp4, readable by
-    `align score`) plus samples.jsonl (file, prompt, seed, meta per sample)."""
+    `align score`) plus samples.jsonl (file, prompt, seed, meta per sample). model: the
+    adapter to sample (default: `load_sampling_model(cfg)`)."""
     from PIL import Image
 
     from eval.grid import save_caption_grid, to_uint8_images, to_uint8_videos
@@ -128,7 +133,7 @@ def sample_to(cfg: SampleConfig, items: list[dict], num: int, seed: int, out: Pa
         raise ValueError(f"--num must be >= 1, got {num}")
     chosen = [items[i % len(items)] for i in range(num)]
     seeds = [seed + i for i in range(num)]
-    model = load_sampling_model(cfg)
+    model = model if model is not None else load_sampling_model(cfg)
     images = generate(model, [c["prompt"] for c in chosen], seeds, num_steps=cfg.num_steps, guidance=cfg.guidance,
                       shift=cfg.shift, sampler=cfg.sampler, step_params=cfg.step_params or None,
                       negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, progress=progress)

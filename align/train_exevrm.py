@@ -103,6 +103,9 @@ def main(args) -> dict:
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from samplers.progress import status
+
+        status(f"loading model {args.model} ...")
         model = AutoModelForImageTextToText.from_pretrained(args.model)
         processor = AutoProcessor.from_pretrained(args.model)
         template = saved.get("template", EXEC_TEMPLATE)

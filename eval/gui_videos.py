@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rewards.video_io import write_video
+from samplers.progress import track
 
 __all__ = ["GuiTask", "Screen", "generate_example", "vocabulary", "NOTHING_DONE", "generate_dataset", "render", "temporal_iou",
            "judge_metrics", "evaluate_judge", "KINDS"]
@@ -348,7 +349,7 @@ def generate_dataset(out: str | Path, num: int, seed: int = 0, fps: float = 2.0,
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(num):
+    for i in track(range(num), f"writing {num} synthetic GUI videos to {out}", unit="videos"):
         example = generate_example(seed * 1_000_003 + i)
         repeat = max(1, int(round(fps)))
         name = f"videos/{i:05d}{suffix}"

@@ -82,11 +82,20 @@ def load_image(path: Path, size: int | None = IMAGE_SIZE) -> np.ndarray:
     return array
 
 
+def _require_folder(folder: str | Path) -> Path:
+    """`folder` as a Path; ScoreInputError saying what to do if it is missing or a file."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ScoreInputError(f"{folder}: folder does not exist (write one with `align sample --out DIR`)")
+    if not folder.is_dir():
+        raise ScoreInputError(f"{folder}: is a file, not a folder; `align score` scores a folder of samples: "
+                              f"write one with `align sample --out DIR` (a folder, not a .png grid)")
+    return folder
+
+
 def score_folder(folder: str | Path, metadata: str | Path | None = None) -> tuple[list[dict], dict]:
     """Scores every image listed for `folder`. Returns (per-image rows, aggregate summary)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ScoreInputError(f"{folder}: not a folder")
+    folder = _require_folder(folder)
     listing = Path(metadata) if metadata else folder / SAMPLES_FILE
     if not listing.is_file():
         raise ScoreInputError(f"{listing}: not found (score a folder written by `align sample --out DIR`, "
@@ -94,8 +103,10 @@ def score_folder(folder: str | Path, metadata: str | Path | None = None) -> tupl
     rows = read_jsonl(listing)
     if not rows:
         raise ScoreInputError(f"{listing}: lists no images")
+    from samplers.progress import track
+
     results, metas = [], []
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(track(rows, "scoring with the ShapesWorld verifier", unit="images"), start=1):
         where = f"{listing}:{number}"
         if "file" not in row:
             raise ScoreInputError(f"{where}: missing 'file'")
@@ -172,9 +183,7 @@ def list_media(folder: str | Path, metadata: str | Path | None = None) -> list[d
     :func:`score_folder`, ``meta`` optional), else every image / video file in the folder by
     suffix (sorted by name), without prompts.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ScoreInputError(f"{folder}: not a folder")
+    folder = _require_folder(folder)
     listing = Path(metadata) if metadata else folder / SAMPLES_FILE
     if metadata and not listing.is_file():
         raise ScoreInputError(f"{listing}: not found")

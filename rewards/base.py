@@ -26,7 +26,6 @@ import copy
 import importlib
 import inspect
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -63,15 +62,14 @@ def frames_as_images(samples: Tensor) -> tuple[Tensor, int]:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True):
-    """A rich progress bar with ETA on stderr when it is a terminal (silent otherwise, and when
-    ``enabled`` is False); yields ``advance(n=1)``. Shared by the CLI and the training tools."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "steps"):
+    """`samplers.progress.Progress` over ``total`` units (a rich bar on a terminal, plain flushed
+    lines elsewhere; nothing when ``enabled`` is False); yields ``advance(n=1)``. Shared by the
+    CLI and the training tools."""
+    from samplers.progress import Progress
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not (enabled and sys.stderr.isatty())) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+    with Progress(total, description, unit=unit, enabled=enabled) as bar:
+        yield bar.advance
 
 
 def cosine_lr(step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from rewards.base import cosine_lr
+from samplers.progress import track
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "prm.safetensors"
 
@@ -185,7 +186,7 @@ def fit_prm(x0: Tensor, r: Tensor, groups: Tensor, text: Tensor, *, steps: int =
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps))
     gen = torch.Generator().manual_seed(seed)
     start, log = time.perf_counter(), []
-    for step in range(steps):
+    for step in track(range(steps), "train-prm", quiet=quiet):
         chosen = ids[torch.randperm(len(ids), generator=gen)[:batch_groups]]
         index = torch.nonzero(torch.isin(groups, chosen)).squeeze(1)
         sigma = torch.rand(len(index), generator=gen)

@@ -657,8 +657,7 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
     embeddings, the two losses averaged); ``layout_weight`` * the layout probe's loss on the image embeddings;
     ``patch_weight`` * the cross-entropy of a per-patch object-class probe (``patch_labels``)
     on the vision tower's last patch tokens (off by default). See the module docstring."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from samplers.progress import Progress
 
     from eval.shapes.world import COLORS, SHAPES
     from samplers.models.clip_tokenizer import build_clip_tokenizer
@@ -698,14 +697,12 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
         model.train()
         return (image * text).sum(-1)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with open(work / "train_log.csv", "w", newline="") as log_file, Progress(*columns, disable=not progress) as bar:
+    with open(work / "train_log.csv", "w", newline="") as log_file, \
+            Progress(steps, "train-shapes-clip", enabled=progress) as bar:
         writer = csv.writer(log_file)
         writer.writerow(["step", "elapsed_s", "cpu_s", "loss", "hard_negative_accuracy", "logit_scale", "lr",
                          "relation_image_loss", "relation_text_loss", "layout_loss", "patch_loss"]
                         + [f"held_out_{kind}" for kind in monitor_kinds])
-        task = bar.add_task("shapes clip", total=steps)
         for step in range(steps):
             scenes, metas, captions, negative_captions = sample_train_batch(batch, negatives, rng,
                                                                             strict_holdout=strict_holdout, focus=focus)
@@ -751,9 +748,8 @@ def train_shapes_clip(out_dir: str | Path, steps: int = 1500, seed: int = 0, bat
                                    ("relation_image_loss", "relation_text_loss", "layout_loss", "patch_loss")]
                                 + [held_out[kind]["accuracy"] if held_out else "" for kind in monitor_kinds])
                 log_file.flush()
-                bar.update(task, description=f"shapes clip: loss {metrics['loss']:.3f}, "
-                                             f"hard negatives beaten {metrics['hard_negative_accuracy']:.2f}")
-            bar.advance(task)
+                bar.phase(f"loss {metrics['loss']:.3f}, hard negatives beaten {metrics['hard_negative_accuracy']:.2f}")
+            bar.advance()
     minutes, cpu_minutes = (time.time() - start) / 60, (time.process_time() - cpu_start) / 60
     model.eval()
     save_shapes_clip(model, work)

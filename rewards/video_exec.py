@@ -43,6 +43,7 @@ from rewards.token_pruning import PruningConfig, prune_visual_tokens, qwen_video
     video_token_keep
 from rewards.video_io import read_video
 from rewards.vlm import QWEN_SPECIALS, LocalVLM, _first_token_ids, byte_tokenizer
+from samplers.progress import track
 
 __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLATE", "SHIPPED_JUDGE_DIR",
            "SHIPPED_JUDGE_SHA256", "DESCRIBE_QUESTION",
@@ -441,7 +442,7 @@ def _train_loop(vlm, judged, described, steps, batch_size, lr, weight_decay, con
     n_describe = batch_size // 2 if described else 0
     n_judge = min(batch_size - n_describe, len(judged))
     losses, judgement_losses, start = [], [], time.time()
-    for step in range(steps):
+    for step in track(range(steps), "training the video_exec judge"):
         chunk = [judged[i] for i in rng.choice(len(judged), size=n_judge, replace=False)]
         if n_describe:
             chunk += [described[i] for i in rng.choice(len(described), size=min(n_describe, len(described)),

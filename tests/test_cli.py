@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +26,10 @@ def tiny_model_dir(tmp_path_factory):
 
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err  # one line, no traceback
-    assert err[0].startswith("align: error: ")
-    return err[0]
+    assert not any(line.startswith(("Traceback", "  File")) for line in err), err  # no traceback
+    errors = [line for line in err if line.startswith("align: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err  # one error line, the last (after progress lines)
+    return errors[0]
 
 
 def test_sample_folder_and_grid(tiny_model_dir, tmp_path):
@@ -140,3 +142,39 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, tiny_model_dir):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "align", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--num" in result.stdout
+
+
+def test_score_a_file_or_missing_folder_says_what_to_do(tmp_path, capsys):
+    grid = tmp_path / "samples.png"
+    Image.new("RGB", (64, 64)).save(grid)
+    assert main(["score", str(grid)]) == 2
+    line = _error_line(capsys)
+    assert "not a folder" in line and "align sample --out DIR" in line
+    assert main(["score", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert main(["score", str(tmp_path / "nowhere"), "--reward", "shapes_saturation"]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+TRAIN_YAML = str(Path(__file__).resolve().parents[1] / "configs" / "shapes" / "flow_grpo.yaml")
+
+
+def test_help_config_shows_effective_values_and_their_source(capsys):
+    assert main(["train", TRAIN_YAML, "num_epochs=7", "--help-config"]) == 0
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["num_epochs"] == "7  [override]"
+    assert rows["lora.rank"] == f"16  [{TRAIN_YAML}:10]"  # the file's value, not the dataclass default 32
+    assert rows["group_size"].startswith("8  [") and rows["sampler.eval_num_steps"].startswith("10  [")
+    assert rows["sampler.eta"] == "0.3  [default]"
+    assert rows["kl_beta"] == f"0.04  [{TRAIN_YAML}:33, null -> resolved]"  # the variant's paper default
+    # without a file: every trainer's keys with their defaults and documentation
+    assert main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    assert "FlowGRPOConfig (algorithm: flow_grpo)" in text and "  lora.rank (int; default: 32)" in text
+    assert "CRDConfig" in text and "GDROConfig" in text
+    # an algorithm named by override alone: the defaults plus that override
+    assert main(["train", "algorithm=flow_grpo", "num_epochs=3", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()[1:]}
+    assert "effective values from defaults + " in out.splitlines()[0]
+    assert rows["lora.rank"] == "32  [default]" and rows["num_epochs"] == "3  [override]"

@@ -14,6 +14,7 @@ from align.config import (
     config_class_for,
     config_to_dict,
     describe_config,
+    describe_effective_config,
     doc,
     load_any_config,
     load_config,
@@ -341,6 +342,30 @@ def test_describe_config_lists_dotted_fields_with_help():
     assert "  eval_sampler (SamplerCfg | None; default: null)" in text
     assert "  model_path (str; required)" in describe_config(RequiredCfg)
     assert "(algorithm: toy_algo_a)" in describe_config(AlgoACfg)
+
+
+def test_describe_effective_config_marks_file_override_and_default(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("seed: 3\nsampler:\n  eta: 0.5\ntrain:\n  lr: 1.0e-3\n")
+    overrides = ["train.lr=0.01", "reward.names=[a,b]"]
+    cfg = load_config(ExperimentCfg, path, overrides)
+    rows = {line.split()[0]: line for line in describe_effective_config(cfg, path, overrides).splitlines()[1:]}
+    assert rows["seed"].split()[1:] == ["3", f"[{path}:1]"]  # from the file, with its line
+    assert rows["sampler.eta"].split()[1:] == ["0.5", f"[{path}:3]"]
+    assert rows["train.lr"].split()[1:] == ["0.01", "[override]"]  # the override beats the file
+    assert rows["reward.names"].endswith("[a, b]  [override]")
+    assert rows["sampler.num_steps"].split()[1:] == ["20", "[default]"]  # the outer default instance
+    assert rows["train.batch_size"].split()[1:] == ["8", "[default]"]
+    assert rows["eval_sampler"].split()[1:] == ["null", "[default]"]
+    # a null the trainer fills (e.g. a variant's paper default) shows the filled value
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_grad_norm=1.0))
+    text = describe_effective_config(cfg, path, overrides, resolved)
+    row = next(line for line in text.splitlines() if line.split()[0] == "train.max_grad_norm")
+    assert row.split(None, 1)[1] == "1.0  [default, null -> resolved]"
+    # without a file: every value is a default
+    plain = describe_effective_config(ExperimentCfg())
+    assert "from defaults" in plain.splitlines()[0]
+    assert all(line.endswith("[default]") for line in plain.splitlines()[1:])
 
 
 def test_doc_helper():

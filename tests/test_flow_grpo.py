@@ -237,6 +237,24 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_
     assert [r["epoch"] for r in read_metrics_csv(Path(cfg.output_dir) / "metrics.csv")] == [0]
 
 
+def test_a_fresh_start_never_replaces_a_run_unless_told_to(tmp_path):
+    from align.checkpoint import RunExistsError, list_checkpoints
+
+    cfg = tiny_config(tmp_path)
+    out = Path(cfg.output_dir)
+    train(cfg, model=fresh_model())
+    metrics_before, checkpoints_before = (out / "metrics.csv").read_text(), list_checkpoints(out)
+    with pytest.raises(RunExistsError, match="already holds a run .*checkpoints up to epoch 0.*--resume.*--overwrite"):
+        train(cfg, model=fresh_model())
+    assert (out / "metrics.csv").read_text() == metrics_before and list_checkpoints(out) == checkpoints_before
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(dataclasses.replace(cfg, resume=True, overwrite=True), model=fresh_model())
+    (out / "notes.txt").write_text("from the old run")
+    train(dataclasses.replace(cfg, overwrite=True), model=fresh_model())  # the old run's folder is deleted first
+    assert not (out / "notes.txt").exists() and [r["epoch"] for r in read_metrics_csv(out / "metrics.csv")] == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left aside
+
+
 # ----------------------------------------------------------------------------- setup on CPU
 
 
@@ -311,6 +329,11 @@ def test_cli_train_runs_the_yaml_with_overrides(tmp_path, capsys):
     assert main(["train", str(path), *overrides]) == 0
     assert (tmp_path / "cli" / "metrics.csv").is_file()
     assert main(["train", str(path), *overrides, "--resume"]) == 0  # finished run: resumes to nothing
+    capsys.readouterr()
+    assert main(["train", str(path), *overrides]) == 2  # a fresh start over that run is refused
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert main(["train", str(path), *overrides, "--overwrite"]) == 0
     assert main(["train", str(REPO / "configs" / "shapes" / "sample.yaml")]) == 2
     assert "not a training algorithm" in capsys.readouterr().err
     assert main(["train", str(path), "num_epochs=abc"]) == 2

@@ -65,10 +65,15 @@ def _read_csv(path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _problems(err: str) -> list[str]:
+    """The skipped-file and error lines of stderr (without the progress and "loading ..." lines)."""
+    return [line for line in err.strip().splitlines() if line.startswith("align:")]
+
+
 def test_single_reward_images_video_and_corrupt_file(media_folder, capsys):
     assert main(["score", str(media_folder), "--reward", "shapes_saturation", "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
-    errors = captured.err.strip().splitlines()
+    errors = _problems(captured.err)
     assert len(errors) == 1 and "d_corrupt.png" in errors[0] and "not a readable image" in errors[0]
     assert "4 read, 1 skipped" in captured.out
 
@@ -109,7 +114,7 @@ def test_weighted_sum_jsonl_and_shape_mismatch(media_folder, capsys):
     # an image-only reward: the video is rejected with its own line, the rest are scored
     assert main(["score", str(media_folder), "--reward", "tests.test_score_cli:ImageOnlyBrightness",
                  "--out", str(out)]) == 0
-    errors = capsys.readouterr().err.strip().splitlines()
+    errors = _problems(capsys.readouterr().err)
     assert len(errors) == 2
     assert any("c_clip.mp4" in line and "expected images" in line for line in errors)
     rows = {row["file"]: row for row in map(json.loads, out.read_text().splitlines())}
@@ -149,7 +154,7 @@ def test_nothing_scorable_is_an_error(tmp_path, capsys):
 
 def test_bad_reward_specs_are_one_line_errors(media_folder, tmp_path, capsys):
     assert main(["score", str(media_folder), "--reward", "no_such_reward"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _problems(capsys.readouterr().err)
     assert len(err) == 1 and "unknown reward 'no_such_reward'" in err[0] and "shapes_saturation" in err[0]
 
     config = tmp_path / "bad.yaml"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from align.checkpoint import (
+    checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -132,6 +133,30 @@ def test_checkpoint_round_trip_is_atomic_and_prunes(tmp_path):
         save_checkpoint(tmp_path, 5, weights, state, export=lambda d: (_ for _ in ()).throw(RuntimeError("disk")))
     assert latest_checkpoint(tmp_path).name == "epoch_000002"
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-epoch_000005")]
+
+
+def test_output_dir_rule_fresh_resume_overwrite(tmp_path, monkeypatch):
+    from align.checkpoint import RunExistsError, clear_output_dir, existing_run, prepare_output_dir
+
+    run = tmp_path / "run"
+    assert prepare_output_dir(run) is None and not run.exists()  # nothing there: a fresh start
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")  # a run that died before its first epoch is no run
+    (run / "metrics.csv").write_text("epoch\n")
+    assert existing_run(run) is None and prepare_output_dir(run) is None
+    save_checkpoint(run, 3, {"w": torch.zeros(2)}, {})
+    (run / "metrics.csv").write_text("epoch,reward_mean\n0,0.5\n4,0.6\n")
+    assert existing_run(run) == "checkpoints up to epoch 3, metrics.csv up to epoch 4"
+    with pytest.raises(RunExistsError, match="--resume"):
+        prepare_output_dir(run)
+    assert prepare_output_dir(run, resume=True) == checkpoint_dir(run, 3)
+    assert prepare_output_dir(run, overwrite=True, is_main=False) is None and run.exists()  # only rank 0 deletes
+    assert prepare_output_dir(run, overwrite=True) is None and not run.exists()
+    assert os.listdir(tmp_path) == []  # the folder moved aside is gone too
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="refusing"):
+        clear_output_dir(".")  # never the working directory
+    assert tmp_path.exists()
 
 
 def test_rng_states_round_trip(tmp_path):
