@@ -466,8 +466,10 @@ def run_server(rewards: Mapping[str, Reward], host: str = "127.0.0.1", port: int
     """Serve until interrupted (uvicorn, one process, one event loop; scale with replicas)."""
     import uvicorn
 
+    # idle keep-alive connections live longer here than in clients (httpx drops them after 5 s), so a
+    # client never reuses a connection the server is closing
     uvicorn.run(create_app(rewards, cfg, token), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+                timeout_keep_alive=75, timeout_graceful_shutdown=5)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -550,8 +552,8 @@ def main(args: argparse.Namespace) -> None:
         rewards[reward.name] = reward
     print(f"serving {', '.join(sorted(rewards))} on http://{args.host}:{args.port} ({how})", flush=True)
     if how == "generated token":
-        print(f"token: {token}\n(clients: export {TOKEN_ENV}=<token>; set ${args.token_env} here to choose it)",
-              flush=True)
+        print(f"token: {token}\n(clients: export {TOKEN_ENV}=<this token>; to choose the token, set "
+              f"${args.token_env} before starting the server)", flush=True)
     run_server(rewards, args.host, args.port, cfg, token, args.log_level)
 
 

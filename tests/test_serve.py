@@ -4,6 +4,7 @@ training run: tests/test_serve_faults.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -173,6 +174,15 @@ def test_missing_metadata_is_nan_remotely_too(served):
     assert out.extras["remote_unscored"] == 0  # scored by the reward as NaN, not lost on the way
 
 
+def test_videos_and_float32_samples_round_trip(served):
+    server, rewards = served
+    videos = torch.rand(3, 3, 4, 16, 16)  # [B, 3, T, H, W], not on the uint8 grid
+    exact = remote(server, "shapes_saturation", wire_dtype="F32")(videos)
+    assert torch.equal(exact.scores, rewards["shapes_saturation"](videos).scores)
+    quantised = remote(server, "shapes_saturation")(videos)  # U8: round(255 x) on the wire
+    assert torch.equal(quantised.scores, rewards["shapes_saturation"]((videos * 255).round() / 255).scores)
+
+
 def test_server_500_is_retried_and_recovers(served):
     server, rewards = served
     samples = torch.rand(2, 3, 8, 8)
@@ -293,6 +303,30 @@ def test_slow_reward_times_out_to_nan_not_a_hang():
         assert out.extras["remote_failed"].tolist() == [1, 1, 1, 1] and out.extras["remote_retries"] == 0
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'genalign_requests_total{reward="slow",status="504"} 2' in metrics  # not retried
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_is_503_with_retry_after():
+    slow = FunctionReward(_slow, "slow")
+    server = ThreadServer(create_app({"slow": slow}, ServeConfig(max_queue=1, max_wait_ms=0), token=None))
+    try:
+        body = encode_request(torch.rand(1, 3, 8, 8))
+        url = f"{server.url}/v1/rewards/slow/score"
+
+        async def three_at_once():
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.ensure_future(client.post(url, content=body))
+                await asyncio.sleep(0.3)  # the first is being scored, the queue is empty
+                second = asyncio.ensure_future(client.post(url, content=body))
+                await asyncio.sleep(0.3)  # the second waits in the queue: it is full
+                third = await client.post(url, content=body)
+                return await first, await second, third
+
+        first, second, third = asyncio.run(three_at_once())
+        assert first.status_code == second.status_code == 200
+        assert third.status_code == 503 and third.headers["Retry-After"] == "1"
+        assert third.json()["problem"] == "queue_full"
     finally:
         server.stop()
 
