@@ -349,6 +349,8 @@ TRAIN_EXAMPLES = """examples:
   align train configs/shapes/flow_grpo.yaml
   align train configs/shapes/flow_grpo.yaml variant=fast num_epochs=20 output_dir=runs/fast
   align train configs/shapes/flow_grpo.yaml --resume        # continue from the newest checkpoint
+  align train configs/shapes/flow_grpo.yaml --overwrite     # delete the run in output_dir, start again
+  align train configs/shapes/flow_grpo.yaml --help-config   # effective config: file + overrides + defaults
   accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
       --dynamo_backend no -m align train configs/shapes/flow_grpo.yaml
 """
