@@ -97,6 +97,8 @@ class NFTConfig:
     eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation; 0 = none.")
     eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
     resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
+    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
+                                 "fresh start into a folder holding checkpoints or metrics is refused.")
     mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights' dtype on CUDA ('no' on CPU).")
     gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
     attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA only).")

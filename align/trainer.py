@@ -36,7 +36,7 @@ from samplers.rollout import rollout
 from samplers.schedules import flow_sigmas, shift_sigmas
 
 from .advantages import distributed_group_advantages
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, prepare_output_dir, rng_state, save_checkpoint, set_rng_state
 from .config import doc, save_config
 from .data import PromptDataset, SampleBatch, derive_seed, load_prompt_items
 from .metrics import MetricsLogger, TrainingProgress, write_summary
@@ -471,7 +471,7 @@ def run_epochs(run: Run, epoch_fn: Callable[[int, int], tuple[dict[str, Any], in
 
     cfg, accelerator = run.cfg, run.accelerator
     start_epoch, global_step = 0, 0
-    checkpoint = latest_checkpoint(run.out_dir) if cfg.resume else None
+    checkpoint = prepare_output_dir(run.out_dir, cfg.resume, cfg.overwrite, run.is_main)  # None: a fresh start
     if checkpoint is not None:
         start_epoch, global_step = restore_run(run, checkpoint, state)
     if run.is_main:
