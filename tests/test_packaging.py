@@ -28,3 +28,14 @@ def test_every_import_is_a_declared_dependency(tmp_path):
     undeclared = [f"{i['location']['file']}:{i['location']['line']}: {i['error']['message']}"
                   for i in issues if i["error"]["code"] in ("DEP001", "DEP003")]
     assert not undeclared, "imports of packages pyproject.toml does not declare:\n" + "\n".join(undeclared)
+
+
+def test_torch_and_torchvision_are_a_matched_pair():
+    # a torchvision built for another torch imports, then fails on its compiled ops
+    # ("operator torchvision::nms does not exist"); pip resolving both in one command avoids it
+    import torch
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [0, 2], (torch.__version__, torchvision.__version__)
