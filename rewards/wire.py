@@ -108,7 +108,14 @@ def encode_request(samples: Tensor, prompts: Sequence[str] | None = None, metada
     header = {"prompts": None if prompts is None else list(prompts),
               "metadata": None if metadata is None else list(metadata),
               "group_ids": None if group_ids is None else [int(g) for g in group_ids]}
-    return save_safetensors({"samples": samples.contiguous()}, metadata={META_KEY: json.dumps(header)})
+    return save_safetensors({"samples": samples.contiguous()}, metadata={META_KEY: json.dumps(header, default=_plain)})
+
+
+def _plain(value):
+    """numpy / torch scalars and arrays in metadata -> Python values (json.dumps ``default``)."""
+    if isinstance(value, (np.generic, np.ndarray, Tensor)):
+        return value.tolist()
+    raise TypeError(f"metadata value {value!r} ({type(value).__name__}) cannot be sent as JSON")
 
 
 def _header(body: bytes) -> tuple[dict, int]:
