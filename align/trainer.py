@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -333,7 +334,8 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
     """Held-out means with the ODE sampler at cfg.sampler.eval_num_steps: the trained reward
     ("eval_reward_mean"), its per-sample extras (e.g. "eval_strict_mean"), the monitor rewards
     ("eval_<name>_mean") and, for ShapesWorld prompts, the per-category strict score
-    ("eval_strict_<tag>"). Sample i uses seed i, so evaluations of different epochs and runs are
+    ("eval_strict_<tag>") and the render gap ("eval_render_gap": a reward-blind distance of the samples
+    to renders of the same prompts, eval/shapes/fidelity.py; a mean over ranks). Sample i uses seed i, so evaluations of different epochs and runs are
     paired. With `grid_path`, the main process saves `cfg.eval_grid_size` of its samples, captioned
     with the prompt and the headline score, as one PNG."""
     from accelerate.utils import gather_object
@@ -346,7 +348,8 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
     samples = [(index, items[index // repeats]) for index in range(len(items) * repeats)]  # (seed, item)
     mine = samples[accelerator.process_index :: accelerator.num_processes]
     every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
-    results, grid_images, grid_index = [], [], []
+    results, grid_images, grid_index, gaps = [], [], [], []
+    shapes_world = all(isinstance(item.get("meta"), dict) and "tag" in item["meta"] for _, item in mine)
     for start in range(0, len(mine), s.batch_size):
         chunk = mine[start : start + s.batch_size]
         prompts = [item["prompt"] for _, item in chunk]
@@ -362,6 +365,11 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
                            if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
         for name, monitor in (monitors or {}).items():
             per_sample[name] = monitor(images, prompts, metadata=metas).scores.float().cpu()
+        if shapes_world:
+            from eval.shapes.fidelity import rendered_residuals, residuals
+            from rewards.shapes import to_uint8_images
+
+            gaps.append((residuals(to_uint8_images(images, size=64)), rendered_residuals(metas, [i for i, _ in chunk])))
         for j in range(len(chunk)):
             if every and (start + j) % every == 0 and len(grid_images) < cfg.eval_grid_size:
                 grid_images.append(images[j].cpu())
@@ -382,6 +390,12 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
     for tag in dict.fromkeys(r["tag"] for r in results if r["tag"]):
         metrics[f"eval_{headline}_{tag}"] = float(torch.nanmean(torch.tensor([r[headline] for r in results
                                                                             if r["tag"] == tag])))
+    if shapes_world and gaps:
+        from eval.shapes.fidelity import wasserstein
+
+        gap = wasserstein(np.concatenate([g for g, _ in gaps]), np.concatenate([r for _, r in gaps]))
+        gap = torch.tensor([gap], device=accelerator.device)
+        metrics["eval_render_gap"] = float(accelerator.reduce(gap, "mean") if accelerator.num_processes > 1 else gap)
     metrics["eval_num_samples"] = len(results)
     return metrics
 

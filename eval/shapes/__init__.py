@@ -9,6 +9,7 @@ Pure numpy + Pillow; imports nothing else from the project (bottom of the import
     True
 """
 
+from .fidelity import render_gap, residual_quantiles
 from .verifier import (
     Detection,
     aggregate,
@@ -51,6 +52,8 @@ from .world import (
 )
 
 __all__ = [
+    "render_gap",
+    "residual_quantiles",
     "BACKGROUND",
     "COLORS",
     "HELD_OUT_COLOR_SHAPE",

@@ -4,9 +4,6 @@
                                              category), shapes_quality and the render gap on a balanced
                                              set of 64 samples per category
     load_run_weights(model, checkpoint)      a trainer checkpoint's weights into a fresh base model
-    render_gap(images, metas, seeds)         reward-blind distance between generated images and renders of
-                                             the same prompts (Wasserstein-1 between their distributions
-                                             of per-pixel palette residuals, RGB units)
 
 Seeds: held-out samples use seed i (as the trainers' evaluation does); train prompts use seeds from
 TRAIN_SEED_BASE on, which no training rollout draws (theirs are derived from (seed, epoch, ...)).
@@ -22,7 +19,6 @@ import numpy as np
 import torch
 
 TRAIN_SEED_BASE = 10_000_000
-QUANTILES = np.linspace(0.005, 0.995, 199)
 
 
 def balanced_items(split: str, per_tag: int) -> list[dict]:
@@ -31,30 +27,12 @@ def balanced_items(split: str, per_tag: int) -> list[dict]:
     return shapesworld_prompts(split, per_tag)
 
 
-def residual_quantiles(images: np.ndarray) -> np.ndarray:
-    """Quantiles (QUANTILES) of every pixel's palette residual (RGB distance to the nearest
-    background-to-palette segment); images [N, H, W, 3] uint8."""
-    from eval.shapes import palette_residual
-
-    return np.quantile(np.concatenate([palette_residual(im).ravel() for im in images]), QUANTILES)
-
-
-def render_gap(images: np.ndarray, metas: list[dict], seeds: list[int]) -> float:
-    """Wasserstein-1 distance (RGB units) between the per-pixel palette residuals of generated images
-    [N, H, W, 3] uint8 and of renders of the same prompts (one scene per seed). Renders are flat colours
-    with anti-aliased edges (residual ~0); soft edges, halos, tinted backgrounds and off-palette shades
-    raise it. Knows nothing about what the prompt asked for."""
-    from eval.shapes import render, scene_for_prompt
-
-    renders = np.stack([render(scene_for_prompt(meta, rng=seed)) for meta, seed in zip(metas, seeds)])
-    return float(np.abs(residual_quantiles(images) - residual_quantiles(renders)).mean())
-
-
 @torch.no_grad()
 def evaluate_model(model, split: str, guidance: float, per_tag: int = 64, num_steps: int = 10,
                    batch_size: int = 64) -> dict[str, float]:
     """The benchmark's metrics of `model` on a balanced set of `split` prompts (10-step ODE by default)."""
     from eval.shapes import TAGS
+    from eval.shapes import render_gap
     from rewards import build_reward
     from rewards.shapes import to_uint8_images
     from samplers.generate import generate
@@ -74,7 +52,7 @@ def evaluate_model(model, split: str, guidance: float, per_tag: int = 64, num_st
     metrics["strict_se"] = float(np.sqrt(np.mean([strict[tags == t].var() / (tags == t).sum() for t in TAGS])
                                          / len(TAGS)))
     metrics["partial"] = float(np.mean([partial[tags == t].mean() for t in TAGS]))
-    metrics["quality"] = float(quality(images, prompts).scores.float().mean())
+    metrics["quality"] = float(quality(images, prompts).scores.float().mean())  # render gap: eval/shapes/fidelity.py
     metrics["render_gap"] = render_gap(to_uint8_images(images), metas, seeds)
     return metrics
 
