@@ -343,7 +343,8 @@ def _run_rollout(args) -> None:
 
 # ------------------------------------------------------------------------------ train
 # algorithm name (the YAML's `algorithm:` key) -> module with `train(cfg)`; one row per trainer
-TRAINERS = {"flow_grpo": "align.flow_grpo", "crd": "align.crd", "gdro": "align.gdro"}
+TRAINERS = {"flow_grpo": "align.flow_grpo", "crd": "align.crd", "gdro": "align.gdro", "nft": "align.nft",
+            "awm": "align.awm"}
 
 TRAIN_EXAMPLES = """examples:
   align train configs/shapes/flow_grpo.yaml
