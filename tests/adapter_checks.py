@@ -42,7 +42,7 @@ def lora_model(model, rank: int = 4):
 
 
 def trainer_config(trainer: str, tmp_path: Path, **overrides):
-    """The trainers' own tiny test settings (tests/test_flow_grpo.py, tests/test_crd.py): 2 groups
+    """The trainers' own tiny test settings (tests/test_flow_grpo.py, test_crd.py, test_nft.py): 2 groups
     x 4 samples, 4 steps, LoRA rank 4, the mean-saturation reward, one epoch."""
     from align.config import load_config
 
@@ -57,6 +57,10 @@ def trainer_config(trainer: str, tmp_path: Path, **overrides):
         from align.crd import CRDConfig as Config
 
         common.update(num_train_timesteps=2)
+    elif trainer == "nft":
+        from align.nft import NFTConfig as Config
+
+        common.update(micro_batch_size=4, monitor_rewards=[])
     else:
         raise ValueError(f"unknown trainer {trainer!r}")
     for key, value in overrides.items():
@@ -66,7 +70,7 @@ def trainer_config(trainer: str, tmp_path: Path, **overrides):
 
 def assert_one_epoch_trains_every_lora_weight(trainer: str, make_model, tmp_path: Path, no_gradient=(),
                                               **overrides) -> dict:
-    """One epoch of `trainer` ("flow_grpo" or "crd") on a fresh `make_model()`: every LoRA
+    """One epoch of `trainer` ("flow_grpo", "crd" or "nft") on a fresh `make_model()`: every LoRA
     weight moves except exactly those named in `no_gradient` (weights whose output the model
     discards, e.g. the text stream of an MMDiT's last block); for Flow-GRPO the first update's
     ratio is exactly 1."""

@@ -136,7 +136,7 @@ def test_kontext_reference_images_lookup(kontext):
     torch.testing.assert_close(cond.image_latents[0], kontext.encode_prompt(PROMPTS[:1], images=image).image_latents[0])
 
 
-@pytest.mark.parametrize("trainer", ["flow_grpo", "crd"])
+@pytest.mark.parametrize("trainer", ["flow_grpo", "crd", "nft"])
 def test_one_epoch_trains_every_lora_weight(trainer, tmp_path):
     assert_one_epoch_trains_every_lora_weight(trainer, lambda: tiny_flux(seed=0), tmp_path,
                                               sampler=dict(guidance=3.5))

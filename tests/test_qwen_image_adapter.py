@@ -81,7 +81,7 @@ LAST_BLOCK_TEXT_PATH = ["transformer_blocks.1.attn.add_q_proj.lora_B.default.wei
                         "transformer_blocks.1.attn.to_add_out.lora_B.default.weight"]
 
 
-@pytest.mark.parametrize("trainer", ["flow_grpo", "crd"])
+@pytest.mark.parametrize("trainer", ["flow_grpo", "crd", "nft"])
 def test_one_epoch_trains_every_lora_weight(trainer, tmp_path):
     assert_one_epoch_trains_every_lora_weight(trainer, lambda: tiny_qwen_image(seed=0), tmp_path,
                                               no_gradient=LAST_BLOCK_TEXT_PATH,

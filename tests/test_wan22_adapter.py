@@ -104,7 +104,7 @@ def test_lora_on_both_experts_loads_into_the_pipeline(wan22, tmp_path):
             torch.testing.assert_close(tuned.velocity(x, 0.3, cond, 4.0), wan22.velocity(x, 0.3, cond, 4.0))
 
 
-@pytest.mark.parametrize("trainer", ["flow_grpo", "crd"])
+@pytest.mark.parametrize("trainer", ["flow_grpo", "crd", "nft"])
 def test_one_epoch_trains_every_lora_weight_of_the_trained_expert(trainer, tmp_path):
     assert_one_epoch_trains_every_lora_weight(trainer, lambda: tiny_wan22(seed=0), tmp_path,
                                               sampler=dict(guidance=4.0, shift=3.0))

@@ -19,6 +19,7 @@ LAZY_FAMILIES = {
     "FluxPipeline": "flux:FluxAdapter",
     "FluxKontextPipeline": "flux:FluxKontextAdapter",
     "QwenImagePipeline": "qwen_image:QwenImageAdapter",
+    "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
 }
 
 

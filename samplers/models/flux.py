@@ -168,11 +168,12 @@ class FluxAdapter(PipelineAdapter):
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: FluxCond,
-                 guidance: float | None = None) -> torch.Tensor:
+                 guidance: float | None = None, detach_uncond: bool = False) -> torch.Tensor:
         """v = eps - x0 (fp32) at unpacked latents [B, C, H, W], sigma scalar or [B].
 
         guidance: FLUX.1-dev's embedded guidance scale (default: the checkpoint's); true CFG
-        with the cond's negatives when `defaults["true_cfg_scale"] > 1`.
+        with the cond's negatives when `defaults["true_cfg_scale"] > 1`. detach_uncond: the
+        negative branch of true CFG is a constant for autograd (run without a graph).
         """
         b, _, h, w = latents.shape
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
@@ -192,8 +193,9 @@ class FluxAdapter(PipelineAdapter):
         v = self._transformer(tokens, timestep, g, cond.prompt_embeds, cond.pooled, img_ids)[:, :n]
         true_cfg = float(self.defaults.get("true_cfg_scale", 1.0))
         if true_cfg > 1 and cond.negative_prompt_embeds is not None:
-            v_neg = self._transformer(tokens, timestep, g, cond.negative_prompt_embeds, cond.negative_pooled,
-                                      img_ids)[:, :n]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_uncond):
+                v_neg = self._transformer(tokens, timestep, g, cond.negative_prompt_embeds, cond.negative_pooled,
+                                          img_ids)[:, :n]
             v = v_neg + true_cfg * (v - v_neg)
         return unpack_latents(v, h, w)
 

@@ -19,6 +19,13 @@ Following `QwenImagePipeline` (diffusers) exactly:
   timestep sigma * 1000 / 1000 in fp32; schedule linspace(1, 1/S, S) with the exponential shift
   of mu from the token count (the checkpoint's scheduler config: base/max shift, shift_terminal).
 - VAE: `AutoencoderKLQwenImage` (one frame), latents normalised by `latents_mean` / `latents_std`.
+
+Qwen-Image-Edit (`QwenImageEditPipeline`, `QwenImageEditAdapter`) takes the input image through
+the shared image path (image_cond.py) twice, as the pipeline does: into the VL encoder with the
+edit chat template (the processor's image tokens inside the prompt), and as VAE latents appended
+to the image tokens (a second `img_shapes` entry); only the generated tokens' velocity is kept.
+The image is resized to the pipeline's area (1024 x 1024 at the image's aspect ratio, sides
+rounded to 32 px; `defaults["reference_area"]`) unless it already has that size.
 """
 
 from __future__ import annotations
@@ -31,18 +38,21 @@ import torch
 
 from .common import BatchedCond
 from .flux import pack_latents, pipeline_timestep, unpack_latents
+from .image_cond import ImageConditioning, resize_images
 from .pipeline_adapter import PipelineAdapter, as_prompt_list, negatives_for
 
 
 @dataclass
 class QwenImageCond(BatchedCond):
     """prompt_embeds [B, L, D] (zero-padded), prompt_mask [B, L] long (None: nothing padded),
-    the negatives the same way (None without CFG; their L may differ)."""
+    the negatives the same way (None without CFG; their L may differ), image_latents [B, C, h, w]
+    (the input image of Qwen-Image-Edit, None for text-to-image)."""
 
     prompt_embeds: torch.Tensor
     prompt_mask: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     negative_prompt_mask: torch.Tensor | None = None
+    image_latents: torch.Tensor | None = None  # [B, C, h, w] the edit image's latents (Qwen-Image-Edit)
 
 
 def norm_preserving_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -134,18 +144,26 @@ class QwenImageAdapter(PipelineAdapter):
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: QwenImageCond,
-                 guidance: float = 1.0) -> torch.Tensor:
+                 guidance: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """v = eps - x0 (fp32) at unpacked latents [B, C, H, W]; true CFG with the norm-preserving
-        rescale for guidance > 1 and a cond with negatives (else the conditional branch)."""
+        rescale for guidance > 1 and a cond with negatives (else the conditional branch).
+        detach_uncond: the negative branch is a constant for autograd (run without a graph)."""
         b, _, h, w = latents.shape
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         tokens = pack_latents(latents)
-        img_shapes = [[(1, h // 2, w // 2)]] * b
+        n = tokens.shape[1]
+        shapes = [(1, h // 2, w // 2)]
+        if cond.image_latents is not None:  # Qwen-Image-Edit: the input image's tokens after ours
+            ref = cond.image_latents
+            tokens = torch.cat([tokens, pack_latents(ref.to(tokens.dtype))], dim=1)
+            shapes.append((1, ref.shape[2] // 2, ref.shape[3] // 2))
+        img_shapes = [shapes] * b
         timestep = pipeline_timestep(sigma)
-        v = self._transformer(tokens, timestep, cond.prompt_embeds, cond.prompt_mask, img_shapes)
+        v = self._transformer(tokens, timestep, cond.prompt_embeds, cond.prompt_mask, img_shapes)[:, :n]
         if guidance > 1 and cond.negative_prompt_embeds is not None:
-            v_neg = self._transformer(tokens, timestep, cond.negative_prompt_embeds, cond.negative_prompt_mask,
-                                      img_shapes)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_uncond):
+                v_neg = self._transformer(tokens, timestep, cond.negative_prompt_embeds, cond.negative_prompt_mask,
+                                          img_shapes)[:, :n]
             v = norm_preserving_cfg(v, v_neg, guidance)
         return unpack_latents(v, h, w)
 
@@ -165,11 +183,69 @@ class QwenImageAdapter(PipelineAdapter):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Images in [0, 1], [B, 3, H, W] -> normalised latents [B, C, h, w] (mode unless `sample`)."""
+        """Images in [0, 1], [B, 3, H, W] -> normalised latents [B, C, h, w] (mode unless `sample`),
+        (z - mean) / std as the edit pipeline's `_encode_vae_image`."""
         dist = self.vae.encode((images * 2 - 1)[:, :, None].to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         mean, inv_std = self._stats(z)
-        return ((z - mean) * inv_std).float()[:, :, 0]
+        std = torch.tensor(self.vae.config.latents_std).view(inv_std.shape).to(z.device, z.dtype)
+        return ((z - mean) / std).float()[:, :, 0]
+
+
+class QwenImageEditAdapter(ImageConditioning, QwenImageAdapter):
+    """Qwen-Image-Edit: Qwen-Image with the input image in the VL prompt and as extra latent tokens.
+
+    `encode_prompt(prompts, images=...)` (or `reference_images`) is required: every prompt edits
+    an image. `processor` is the pipeline's `Qwen2VLProcessor`.
+    """
+
+    family = "qwen_image_edit"
+    pipeline_class_name = "QwenImageEditPipeline"
+    component_names = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    base_defaults = {**QwenImageAdapter.base_defaults, "reference_area": 1024 * 1024}
+    image_required = True
+
+    def reference_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the pipeline resizes an input image of this size to."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        w, h, _ = calculate_dimensions(self.defaults["reference_area"], width / height)
+        return int(h), int(w)
+
+    def _encode(self, prompts: list[str], images=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        template, drop = self._chat_template()
+        inputs = self.processor(text=[template.format(p) for p in prompts], images=images, padding=True,
+                                return_tensors="pt").to(self.text_encoder.device)
+        hidden = self.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                                   output_hidden_states=True).hidden_states[-1]
+        # the edit pipeline keeps every token (its encode_prompt does not cut at max_sequence_length)
+        return pad_valid_tokens(hidden, inputs["attention_mask"], drop, None)
+
+    def encode_prompt(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      grad: bool = False, images: Any = None) -> QwenImageCond:
+        """Prompts [B] with their input images (one for all, or one each) -> QwenImageCond with
+        the VL embeddings of (template, image, prompt) and the image's latents."""
+        prompts = as_prompt_list(prompts)
+        pixels = self.condition_images(prompts, images)  # [B, 3, H, W] in [0, 1]
+        pixels = resize_images(pixels, *self.reference_size(*pixels.shape[-2:]))
+        # the VL processor reads 8-bit RGB images, as the pipeline hands it PIL images
+        pil = [to_pil(image) for image in pixels]
+        with torch.set_grad_enabled(grad):
+            embeds, mask = self._encode(prompts, pil)
+            neg = (None, None)
+            if negative_prompt is not None:
+                neg = self._encode(negatives_for(negative_prompt, len(prompts)), pil)
+            image_latents = self.encode(pixels.to(self.device))
+        return QwenImageCond(embeds, mask, *neg, image_latents=image_latents)
+
+
+def to_pil(image: torch.Tensor):
+    """[3, H, W] in [0, 1] -> an RGB PIL image (rounded to 8 bits)."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
 
 
 def _pipeline_template(pipeline_class) -> tuple[str, int]:
@@ -183,13 +259,14 @@ def _pipeline_template(pipeline_class) -> tuple[str, int]:
 
 
 def pad_valid_tokens(hidden: torch.Tensor, mask: torch.Tensor, drop: int,
-                     max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     max_sequence_length: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, L, D] hidden states and [B, L] attention mask -> each row's valid tokens after the
-    first `drop`, zero-padded to the longest and cut at `max_sequence_length`: (embeds
+    first `drop`, zero-padded to the longest and cut at `max_sequence_length` (None: kept whole): (embeds
     [B, L', D], mask [B, L'] long, None when no row is padded). QwenImagePipeline's encoding."""
     rows = [h[m.bool()][drop:] for h, m in zip(hidden, mask)]
     length = max(r.shape[0] for r in rows)
     embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
     valid = torch.stack([torch.arange(length, device=hidden.device) < r.shape[0] for r in rows]).long()
-    embeds, valid = embeds[:, :max_sequence_length], valid[:, :max_sequence_length]
+    if max_sequence_length is not None:
+        embeds, valid = embeds[:, :max_sequence_length], valid[:, :max_sequence_length]
     return embeds, (None if bool(valid.all()) else valid)

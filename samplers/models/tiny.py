@@ -169,3 +169,26 @@ def tiny_qwen_image(seed: int = 0):
                       tokenizer=tokenizer, transformer=transformer)
     return QwenImageAdapter(components, defaults={"num_steps": 4, "resolution": 16},
                             max_sequence_length=512).eval().requires_grad_(False)
+
+
+def tiny_qwen_image_edit(seed: int = 0, reference_area: int = 1024 * 1024):
+    """Qwen-Image-Edit at toy size: the Qwen-Image toy's transformer and VL encoder, a Qwen2-VL
+    processor, and an 8x VAE (no channel growth) so the pipeline's 1024 x 1024 input image encodes
+    in seconds; 32 px native output images (4x4 latents, 4 tokens)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from .qwen_image import QwenImageEditAdapter
+
+    base = tiny_qwen_image(seed)
+    torch.manual_seed(seed + 1)
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 1.2, 1.0])
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=base.tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    components = dict(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                      processor=processor, transformer=base.transformer)
+    defaults = {"num_steps": 4, "resolution": 32, "reference_area": reference_area}
+    return QwenImageEditAdapter(components, defaults=defaults, max_sequence_length=512).eval().requires_grad_(False)
