@@ -20,6 +20,7 @@ LAZY_FAMILIES = {
     "FluxKontextPipeline": "flux:FluxKontextAdapter",
     "QwenImagePipeline": "qwen_image:QwenImageAdapter",
     "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
+    "ZImagePipeline": "z_image:ZImageAdapter",
 }
 
 

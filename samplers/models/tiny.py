@@ -192,3 +192,36 @@ def tiny_qwen_image_edit(seed: int = 0, reference_area: int = 1024 * 1024):
                       processor=processor, transformer=base.transformer)
     defaults = {"num_steps": 4, "resolution": 32, "reference_area": reference_area}
     return QwenImageEditAdapter(components, defaults=defaults, max_sequence_length=512).eval().requires_grad_(False)
+
+
+# a Qwen3-style chat template (one user turn; enable_thinking=False adds the empty think block)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def tiny_z_image(seed: int = 0, turbo: bool = False):
+    """Z-Image (or Z-Image-Turbo: fixed shift 3, guidance 0) at toy size: 16 px images, 8x8
+    latents of 4 channels; a two-layer Qwen3 encoder with the byte-level tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .z_image import ZImageAdapter
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=16, max_position_embeddings=512))
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                           axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False) if turbo else
+                 FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096))
+    components = dict(scheduler=scheduler, vae=tiny_image_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer)
+    defaults = {"num_steps": 4, "resolution": 16, "guidance": 0.0 if turbo else 5.0}
+    return ZImageAdapter(components, defaults=defaults, max_sequence_length=64).eval().requires_grad_(False)
