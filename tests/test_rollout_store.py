@@ -90,8 +90,12 @@ def test_ode_samples_are_deterministic_and_an_existing_store_is_kept(store_dir, 
 
 def test_a_changed_config_does_not_resume_into_the_store(store_dir, tmp_path):
     copy = _copy(store_dir, tmp_path)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="group_size.*--overwrite"):
         build_store(tiny_config(copy, "group_size=4"))
+    (copy / "notes.txt").write_text("from the old store")
+    store = build_store(tiny_config(copy, "group_size=4", "overwrite=true"))  # deleted, then generated anew
+    assert store.manifest["group_size"] == 4 and not (copy / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_json", "delete"])
