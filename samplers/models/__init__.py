@@ -21,6 +21,7 @@ LAZY_FAMILIES = {
     "QwenImagePipeline": "qwen_image:QwenImageAdapter",
     "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
     "ZImagePipeline": "z_image:ZImageAdapter",
+    "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoAdapter",
 }
 
 

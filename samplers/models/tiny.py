@@ -14,8 +14,8 @@ import torch
 TEXT_LENGTH = 16  # tokens of every tiny tokenizer (CLIP model_max_length, T5 max_sequence_length)
 
 
-def tiny_clip_text(width: int = 32, seed: int | None = None):
-    """`CLIPTextModel` (pooled output) with the offline CLIP tokenizer of TEXT_LENGTH tokens."""
+def tiny_clip_text(width: int = 32, seed: int | None = None, max_length: int = TEXT_LENGTH):
+    """`CLIPTextModel` (pooled output) with the offline CLIP tokenizer of `max_length` tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .clip_tokenizer import build_clip_tokenizer
@@ -23,9 +23,9 @@ def tiny_clip_text(width: int = 32, seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=TEXT_LENGTH, bos_token_id=49406,
+                            num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=49406,
                             eos_token_id=49407, pad_token_id=49407, hidden_act="gelu")
-    return CLIPTextModel(config), build_clip_tokenizer(TEXT_LENGTH)
+    return CLIPTextModel(config), build_clip_tokenizer(max_length)
 
 
 def tiny_t5(width: int = 32):
@@ -225,3 +225,34 @@ def tiny_z_image(seed: int = 0, turbo: bool = False):
                       transformer=transformer)
     defaults = {"num_steps": 4, "resolution": 16, "guidance": 0.0 if turbo else 5.0}
     return ZImageAdapter(components, defaults=defaults, max_sequence_length=64).eval().requires_grad_(False)
+
+
+def tiny_hunyuan_video(seed: int = 0):
+    """HunyuanVideo at toy size: 5 frames of 32 px (2 x 4 x 4 latents of 4 channels), one dual-
+    and one single-stream block, a two-layer Llama with the byte-level tokenizer, a 77-token CLIP."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from transformers import LlamaConfig, LlamaModel
+
+    from .hunyuan_video import HunyuanVideoAdapter
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    clip, clip_tokenizer = tiny_clip_text(32, max_length=77)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4))
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+                                    temporal_compression_ratio=4, mid_block_add_attention=True)
+    components = dict(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                      scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=clip_tokenizer)
+    # the byte-level tokenizer spells the pipeline's 510-byte template in 510 tokens (Llama's: ~100), so
+    # 480 text tokens after the template's 95 cropped ones leave room to pad short prompts
+    return HunyuanVideoAdapter(components, defaults={"num_steps": 4}, max_sequence_length=480,
+                               video_size=(5, 32, 32)).eval().requires_grad_(False)
