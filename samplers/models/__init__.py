@@ -22,6 +22,7 @@ LAZY_FAMILIES = {
     "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
     "ZImagePipeline": "z_image:ZImageAdapter",
     "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoAdapter",
+    "Flux2KleinPipeline": "flux2:Flux2KleinAdapter",
 }
 
 

@@ -256,3 +256,35 @@ def tiny_hunyuan_video(seed: int = 0):
     # 480 text tokens after the template's 95 cropped ones leave room to pad short prompts
     return HunyuanVideoAdapter(components, defaults={"num_steps": 4}, max_sequence_length=480,
                                video_size=(5, 32, 32)).eval().requires_grad_(False)
+
+
+def tiny_flux2_klein(seed: int = 0, is_distilled: bool = False):
+    """FLUX.2 [klein] at toy size: 32 px images -> 16x16 VAE latents of 4 channels -> 8x8 patchified
+    latents of 16 (64 tokens); a three-layer Qwen3 causal LM read at layers (1, 2, 3); random
+    batch-norm statistics in the VAE so the normalisation is exercised."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .flux2 import Flux2KleinAdapter
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=512))
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    components = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer)
+    return Flux2KleinAdapter(components, defaults={"num_steps": 4, "resolution": 32}, max_sequence_length=64,
+                             text_encoder_out_layers=(1, 2, 3), is_distilled=is_distilled).eval().requires_grad_(False)
