@@ -166,3 +166,25 @@ def test_unknown_family_names_the_supported_ones(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "SomeOtherPipeline"}')
     with pytest.raises(ValueError, match="unsupported pipeline class 'SomeOtherPipeline'.*FluxPipeline"):
         load_model(tmp_path)
+
+
+def test_a_saved_kontext_folder_carries_its_reference_pairs(kontext, tmp_path):
+    """genalign.json's "reference_images" names a JSONL of (prompt, image) pairs: a trainer that
+    only passes prompts then edits the right image for each."""
+    import json
+
+    from PIL import Image
+
+    from samplers.models import load_model
+
+    kontext.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "model" / "red.png")
+    (tmp_path / "model" / "pairs.jsonl").write_text(json.dumps({"prompt": PROMPTS[0], "image": "red.png"}) + "\n")
+    settings = json.loads((tmp_path / "model" / "genalign.json").read_text())
+    settings["reference_images"] = "pairs.jsonl"
+    (tmp_path / "model" / "genalign.json").write_text(json.dumps(settings))
+    loaded = load_model(tmp_path / "model")
+    assert loaded.reference_images == {PROMPTS[0]: str(tmp_path / "model" / "red.png")}
+    cond = loaded.encode_prompt(PROMPTS[:1])
+    red = torch.zeros(3, 16, 16) + torch.tensor([200, 30, 30]).view(3, 1, 1) / 255
+    torch.testing.assert_close(cond.image_latents, loaded.encode_prompt(PROMPTS[:1], images=red).image_latents)

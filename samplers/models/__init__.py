@@ -62,7 +62,22 @@ def load_model(spec: str | Path = "shapesworld", device="cpu", **kwargs):
         if (root / "transformer").is_dir():  # saved by genalign without model_index.json
             return SD3Adapter.from_pretrained(root, device=device, **kwargs)
         raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
-    return SD3Adapter.from_pretrained(str(spec), device=device, **kwargs)
+    name = _hub_pipeline_class(str(spec))
+    adapter = SD3Adapter if name is None else family_adapter(name)
+    return adapter.from_pretrained(str(spec), device=device, **kwargs)
+
+
+def _hub_pipeline_class(repo_id: str) -> str | None:
+    """`_class_name` of a hub repo's model_index.json (from the hub or its local cache); None when
+    it cannot be read (then the SD3 adapter reports what is missing, as before)."""
+    if str(repo_id).startswith((".", "/", "~")) or str(repo_id).count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text()).get("_class_name")
+    except Exception:  # offline without a cached copy, no such repo, gated: fall back
+        return None
 
 
 __all__ = ["SD3Adapter", "SD3Cond", "load_model", "FAMILIES", "LAZY_FAMILIES", "family_adapter"]

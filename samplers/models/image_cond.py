@@ -8,7 +8,9 @@ the conditioning image the same way:
 where an image is a float tensor in [0, 1] ([3, H, W] or [B, 3, H, W]), a PIL image or a file
 path. Trainers pass prompts only, so an adapter may also carry `reference_images`, a mapping
 from prompt text to image (key "*" = the image for any other prompt); `encode_prompt` without
-`images` looks each prompt up there. `condition_images` resolves both into one [B, 3, H, W]
+`images` looks each prompt up there. A checkpoint's `genalign.json` may name a JSONL file
+of {"prompt", "image"} lines as its `"reference_images"` (read_reference_images), so a trainer
+config that names the model folder trains the editing model on those pairs. `condition_images` resolves both into one [B, 3, H, W]
 batch; each family then turns it into its own conditioning (VAE latents, vision-language tokens,
 a first latent frame) inside its `encode_prompt`, so the cond a trainer indexes and repeats
 already holds everything the velocity needs.
@@ -69,6 +71,24 @@ def image_batch(images: Any, batch_size: int, height: int | None = None, width: 
     tensors = [to_image_tensor(item) for item in items]
     height, width = height or tensors[0].shape[1], width or tensors[0].shape[2]
     return torch.cat([resize_images(t[None], height, width) for t in tensors])
+
+
+def read_reference_images(path: str | Path) -> dict[str, str]:
+    """{prompt: image path} from a JSONL file of {"prompt": ..., "image": ...} lines (relative image
+    paths are taken from the file's folder), the `reference_images` a trainer's prompts look up."""
+    import json
+
+    path = Path(path)
+    table = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "prompt" not in item or "image" not in item:
+            raise ValueError(f"{path}:{number}: a reference line needs 'prompt' and 'image', got {sorted(item)}")
+        image = Path(item["image"])
+        table[item["prompt"]] = str(image if image.is_absolute() else path.parent / image)
+    return table
 
 
 class ImageConditioning:

@@ -128,8 +128,17 @@ class PipelineAdapter(LoraAdapterMixin, torch.nn.Module):
             settings = json.loads((root / ADAPTER_SETTINGS_FILE).read_text())
         pipe = cls.pipeline_class().from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **kwargs)
         defaults = settings.pop("defaults", None)
+        references = settings.pop("reference_images", None)
         settings = {k: v for k, v in settings.items() if k in cls.settings_keys}
         model = cls.from_pipeline(pipe, defaults=defaults, **settings)
+        if references is not None:  # editing models: {prompt: image} pairs for the trainers
+            from .image_cond import ImageConditioning, read_reference_images
+
+            if not isinstance(model, ImageConditioning):
+                raise ValueError(f"{root / ADAPTER_SETTINGS_FILE}: reference_images given, but "
+                                 f"{cls.pipeline_class_name} takes no input image")
+            file = Path(references)
+            model.reference_images = read_reference_images(file if file.is_absolute() else root / file)
         return model.to(device).eval().requires_grad_(False)
 
     def save_pretrained(self, directory: str | Path) -> Path:
