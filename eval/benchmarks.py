@@ -1,12 +1,17 @@
 """Performance benchmarks: print numbers and ratios (speed targets are checked here, not in tests).
 
     python -m eval.benchmarks sampling [--model shapesworld] [--batch 64] [--repeats 5]
+    python -m eval.benchmarks sampling --family all|flux|... [--batch 8] [--repeats 5]
     python -m eval.benchmarks train-step [--model shapesworld] [--batch 16] [--repeats 5]
     python -m eval.benchmarks rewards [--batch 64] [--repeats 5]
 
 sampling: wall time to sample a batch at the checkpoint's default settings (prompt encoding,
 rollout, VAE decode), per image; and the rollout's overhead over calling the transformer
 directly the same number of times on the same inputs (ODE and Flow-GRPO SDE steps).
+With --family, the same overhead ratio on each diffusers family's tiny model (samplers/models/tiny.py):
+the transformer calls of one ODE rollout are recorded (module, arguments) and replayed bare, so the
+ratio is the adapter's own cost per step (packing, ids, guidance arithmetic, expert choice) plus the
+sampler's, on models whose transformer is tiny (the ratio shrinks as the transformer grows).
 train-step: one Flow-GRPO training pass (re-score a stored SDE transition with CFG, clipped
 ratio loss, backward into LoRA r 16) against the bare transformer forward + backward on the
 same doubled batch; and the extra cost of the KL term's reference forward.
@@ -90,6 +95,66 @@ def bench_sampling(model_spec: str = "shapesworld", batch: int = 64, repeats: in
         "transformer_direct_s": t_direct, "rollout_ode_s": t_ode, "rollout_sde_s": t_sde,
         "ode_overhead": t_ode / t_direct - 1, "sde_overhead": t_sde / t_direct - 1,
     }
+
+
+# family -> (tiny builder name, builder kwargs, guidance, negative prompt or None)
+FAMILY_BENCH = {
+    "flux": ("tiny_flux", {}, 3.5, None),
+    "flux_kontext": ("tiny_flux", {"kontext": True}, 2.5, None),
+    "wan22": ("tiny_wan22", {}, 4.0, ""),
+    "qwen_image": ("tiny_qwen_image", {}, 4.0, " "),
+    "z_image": ("tiny_z_image", {}, 5.0, ""),
+    "hunyuan_video": ("tiny_hunyuan_video", {}, 6.0, None),
+    "flux2_klein": ("tiny_flux2_klein", {}, 4.0, ""),
+}
+
+
+@torch.inference_mode()
+def bench_family_sampling(family: str, batch: int = 8, num_steps: int = 8, repeats: int = 5,
+                          threads: int = 2) -> dict:
+    """ODE rollout of a family's tiny model vs replaying the exact transformer calls it made."""
+    from samplers.models import tiny
+    from samplers.rollout import rollout
+    from samplers.schedules import flow_sigmas
+
+    torch.set_num_threads(threads)
+    builder, kwargs, guidance, negative = FAMILY_BENCH[family]
+    model = getattr(tiny, builder)(**kwargs)
+    prompts = [f"a photo of {n} red circles next to a blue square" for n in range(batch)]
+    extra = {"images": torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))} if "kontext" in family else {}
+    cond = model.encode_prompt(prompts, negative_prompt=negative, **extra)
+    noise = torch.randn((batch, *model.latent_shape()), generator=torch.Generator().manual_seed(0))
+    # the pipeline's schedule where the adapter has one (Wan: the shifted grid of its scheduler)
+    sigmas = (model.sigmas(num_steps) if hasattr(model, "sigmas")
+              else flow_sigmas(num_steps, shift=model.defaults["shift"]))
+    modules = [m for m in (model.transformer, getattr(model, "transformer_2", None)) if m is not None]
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((module, args, dict(kwargs)))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in modules]
+    rollout(model, cond, sigmas, step_types="ode", guidance=guidance, initial_noise=noise)
+    for hook in hooks:
+        hook.remove()
+
+    def direct():
+        for module, args, kwargs in calls:
+            module(*args, **kwargs)
+
+    def ode():
+        rollout(model, cond, sigmas, step_types="ode", guidance=guidance, initial_noise=noise)
+
+    runs = {"direct": [], "ode": []}
+    direct(), ode()
+    for _ in range(repeats):
+        for name, fn in (("direct", direct), ("ode", ode)):
+            start = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - start)
+    t_direct, t_ode = statistics.median(runs["direct"]), statistics.median(runs["ode"])
+    return {"family": family, "batch": batch, "num_steps": num_steps, "transformer_calls": len(calls),
+            "transformer_direct_s": t_direct, "rollout_ode_s": t_ode, "ode_overhead": t_ode / t_direct - 1}
 
 
 def bench_train_step(model_spec: str = "shapesworld", batch: int = 16, repeats: int = 5, threads: int = 2) -> dict:
@@ -199,7 +264,19 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 64 (sampling, rewards), 16 (train-step)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", default=None, choices=["all", *FAMILY_BENCH],
+                        help="sampling: the overhead check on a diffusers family's tiny model (default batch 8)")
     args = parser.parse_args(argv)
+    if args.name == "sampling" and args.family:
+        families = list(FAMILY_BENCH) if args.family == "all" else [args.family]
+        batch = args.batch or 8
+        print(f"ODE rollout vs the same transformer calls replayed bare, tiny models, batch {batch}, 8 steps "
+              f"({args.threads} threads):")
+        for family in families:
+            r = bench_family_sampling(family, batch, 8, args.repeats, args.threads)
+            print(f"  {family:<14} {r['transformer_calls']:3d} calls  direct {r['transformer_direct_s']:.3f} s  "
+                  f"rollout {r['rollout_ode_s']:.3f} s  overhead {100 * r['ode_overhead']:+.1f}% (goal <= 5%)")
+        return
     if args.name == "rewards":
         batch = args.batch or 64
         print(f"reward throughput on {batch} ShapesWorld renders (64 px), {args.threads} threads:")
