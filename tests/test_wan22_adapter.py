@@ -120,3 +120,62 @@ def test_load_model_recognises_wan22(wan22, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.velocity(x, sigma, loaded.encode_prompt(PROMPTS), 4.0),
                                    wan22.velocity(x, sigma, wan22.encode_prompt(PROMPTS), 4.0), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- image-to-video
+
+
+@pytest.fixture(scope="module")
+def i2v():
+    return tiny_wan22(seed=3, i2v=True)
+
+
+def _first_frame(seed=5):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(16, 16, 3) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_image_to_video_rollout_reproduces_the_i2v_pipeline(i2v, guidance):
+    """The first frame through the shared image path == WanImageToVideoPipeline (Wan2.2-I2V layout:
+    two experts, no CLIP image encoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline(tokenizer=i2v.tokenizer, text_encoder=i2v.text_encoder, vae=i2v.vae,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=i2v.transformer,
+                                   transformer_2=i2v.transformer_2, boundary_ratio=i2v.boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    image = _first_frame()
+    noise = torch.randn((1, *i2v.latent_shape()), generator=torch.Generator().manual_seed(0))
+    expected = pipe(image=image, prompt=PROMPTS[:1], num_frames=5, height=16, width=16, num_inference_steps=4,
+                    guidance_scale=guidance, guidance_scale_2=3.0, latents=noise,
+                    max_sequence_length=i2v.max_sequence_length, output_type="pt").frames
+    cond = i2v.encode_prompt(PROMPTS[:1], negative_prompt="" if guidance > 1 else None, images=image)
+    traj = rollout(i2v, cond, flow_sigmas(4, shift=3.0), step_types="ode", guidance=guidance, initial_noise=noise)
+    torch.testing.assert_close(i2v.decode(traj.final), expected.permute(0, 2, 1, 3, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_image_to_video_needs_a_frame_and_text_to_video_refuses_one(i2v, wan22):
+    with pytest.raises(ValueError, match="pass images="):
+        i2v.encode_prompt(PROMPTS)
+    with pytest.raises(ValueError, match="text-to-video"):
+        wan22.encode_prompt(PROMPTS, images=torch.rand(3, 16, 16))
+
+
+def test_one_epoch_of_image_to_video_with_a_first_frame(tmp_path):
+    def make():
+        model = tiny_wan22(seed=3, i2v=True)
+        model.reference_images = {"*": _first_frame()}
+        return model
+
+    assert_one_epoch_trains_every_lora_weight("flow_grpo", make, tmp_path, sampler=dict(guidance=4.0, shift=3.0))
+
+
+def test_load_model_recognises_an_i2v_folder(i2v, tmp_path):
+    from samplers.models import load_model
+
+    i2v.save_pretrained(tmp_path / "i2v")
+    loaded = load_model(tmp_path / "i2v")
+    assert loaded.image_channels == 6 and loaded.transformer_2 is not None

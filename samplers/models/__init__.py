@@ -16,6 +16,7 @@ from .wan import WanAdapter, WanCond
 FAMILIES = {"StableDiffusion3Pipeline": SD3Adapter, "WanPipeline": WanAdapter}
 # pipeline class (model_index.json's _class_name) -> "module:Adapter", imported on first use
 LAZY_FAMILIES = {
+    "WanImageToVideoPipeline": "wan:WanAdapter",
     "FluxPipeline": "flux:FluxAdapter",
     "FluxKontextPipeline": "flux:FluxKontextAdapter",
     "QwenImagePipeline": "qwen_image:QwenImageAdapter",

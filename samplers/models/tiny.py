@@ -76,9 +76,11 @@ def tiny_flux(seed: int = 0, kontext: bool = False, guidance_embeds: bool = True
     return cls(components, defaults=defaults, max_sequence_length=TEXT_LENGTH).eval().requires_grad_(False)
 
 
-def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.875):
+def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.875, i2v: bool = False):
     """Wan2.2 A14B at toy size: two `WanTransformer3DModel` experts (high / low noise, different
-    weights), `AutoencoderKLWan` (2x time, 2x space), UMT5 + ByT5 tokenizer; 5 frames of 16 px."""
+    weights), `AutoencoderKLWan` (2x time, 2x space), UMT5 + ByT5 tokenizer; 5 frames of 16 px.
+    i2v: the image-to-video variant (input widened by the 2-channel first-frame mask and the
+    4-channel condition latents)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
@@ -90,7 +92,8 @@ def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.875):
                            scale_factor_temporal=2, scale_factor_spatial=2)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                num_heads=2, relative_attention_num_buckets=8))
-    experts = [WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    experts = [WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=10 if i2v else 4,
                                      out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1,
                                      rope_max_seq_len=32) for _ in range(2)]
     # Wan2.2-T2V-A14B's sampler defaults: 40 steps, guidance 4.0 (high noise) / 3.0 (low noise)

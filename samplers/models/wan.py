@@ -38,6 +38,13 @@ pipeline would use at that noise level, with no change to samplers or trainers. 
 both experts by default (`add_lora(experts=...)` picks); the trainers optimise the LoRA of
 `transformer` only (they collect `model.transformer`'s parameters), see docs.
 
+Image-to-video (`WanImageToVideoPipeline` without a CLIP image encoder, as Wan2.2-I2V-A14B): the
+first frame comes in through the shared image path (image_cond.py: `encode_prompt(prompts,
+images=...)` or `reference_images`) and becomes the pipeline's condition, encoded once into the
+cond: the frame followed by black frames through the VAE, normalised, behind a first-frame mask of
+`scale_factor_temporal` channels; `velocity` appends it to the latents' channels (in_channels =
+out_channels + mask + z_dim). The condition is built for the adapter's `video_size`.
+
 Text encoders. Wan2.1's `UMT5EncoderModel` with its tokenizer (`tokenizer/`), or any transformers
 text encoder returning `last_hidden_state` (the toy uses a CLIP text encoder with the offline CLIP
 BPE, named by `"tokenizer": "clip"` in `genalign.json`, since no tokenizer files ship).
@@ -54,6 +61,7 @@ from typing import Sequence
 import torch
 
 from .common import BatchedCond, LoraAdapterMixin
+from .image_cond import ImageConditioning
 
 ADAPTER_SETTINGS_FILE = "genalign.json"
 # WanPipeline's defaults: 81 frames of 480x832, 50 steps, CFG 5; flow_shift 3.0 for 480p.
@@ -68,6 +76,7 @@ class WanCond(BatchedCond):
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
+    condition: torch.Tensor | None = None  # image-to-video: [B, mask + z_dim, T', H', W'] first-frame condition
     _cfg_cache: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def cfg_pair(self) -> torch.Tensor:
@@ -90,7 +99,7 @@ def _is_wan_vae(vae) -> bool:
     return "z_dim" in vae.config  # AutoencoderKLWan; an image AutoencoderKL has latent_channels
 
 
-class WanAdapter(LoraAdapterMixin, torch.nn.Module):
+class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
     """Wan-family flow model: `WanTransformer3DModel` + a video or per-frame VAE + a text encoder.
 
     Args:
@@ -121,9 +130,14 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         self.transformer_2 = transformer_2
         self.boundary_ratio = boundary_ratio
         config = transformer.config
-        if config.in_channels != config.out_channels + 3 * coord_channels:
+        # image-to-video checkpoints widen the input by the first-frame mask and condition latents
+        self.image_channels = config.in_channels - config.out_channels - 3 * coord_channels
+        expected = (vae.config.scale_factor_temporal + vae.config.z_dim) if _is_wan_vae(vae) else None
+        if self.image_channels and (coord_channels or self.image_channels != expected):
             raise ValueError(f"WanTransformer3DModel in_channels {config.in_channels} must equal out_channels "
-                             f"{config.out_channels}" + (" + 3 (coord_channels)" if coord_channels else ""))
+                             f"{config.out_channels}" + (" + 3 (coord_channels)" if coord_channels else "")
+                             + (f", or + {expected} (image-to-video: mask + latent condition)" if expected else ""))
+        self.image_required = self.image_channels > 0  # image-to-video needs a first frame
         self.coord_channels = coord_channels
         self.transformer = transformer
         self.vae = vae
@@ -282,22 +296,50 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         return torch.where(keep[..., None], hidden, torch.zeros_like(hidden))
 
     def encode_prompt(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = "",
-                      grad: bool = False) -> WanCond:
-        """Encodes prompts (and the negative prompt for CFG; None disables it). [B] -> WanCond."""
+                      grad: bool = False, images=None) -> WanCond:
+        """Encodes prompts (and the negative prompt for CFG; None disables it). [B] -> WanCond.
+        Image-to-video models take the first frame(s) as `images` (or from `reference_images`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode_prompt got an empty prompt list")
+        if images is not None and not self.image_channels:
+            raise ValueError("this Wan checkpoint is text-to-video; an input image needs an image-to-video one")
         with torch.set_grad_enabled(grad):
+            condition = None
+            if self.image_channels:
+                frames, height, width = self.video_size
+                pixels = self.condition_images(prompts, images, height, width)
+                condition = self.first_frame_condition(pixels.to(self.device), frames)
             embeds = self._encode(prompts)
-            if negative_prompt is None:
-                return WanCond(embeds)
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            return WanCond(embeds, self._encode(negatives))
+            negatives = None
+            if negative_prompt is not None:
+                negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+                negatives = self._encode(negatives)
+            return WanCond(embeds, negatives, condition)
+
+    def first_frame_condition(self, images: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """First frames [B, 3, H, W] in [0, 1] -> the image-to-video condition [B, tf + z, T', H/f, W/f]:
+        the first-frame mask (tf channels per latent frame) and the normalised latents of the frame
+        followed by black frames, as `WanImageToVideoPipeline.prepare_latents`."""
+        b, _, h, w = images.shape
+        tf = self.vae.config.scale_factor_temporal
+        video = torch.cat([images[:, :, None] * 2 - 1, images.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
+        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float()
+        mean, inv_std = self._wan_stats(z)
+        z = (z - mean) * inv_std
+        lh, lw = z.shape[-2:]
+        mask = torch.zeros(b, 1, num_frames, lh, lw, device=z.device)
+        mask[:, :, 0] = 1
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(tf, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(b, -1, tf, lh, lw).transpose(1, 2)  # [B, tf, T', h, w]
+        return torch.cat([mask, z], dim=1)
 
     # ------------------------------------------------------------------ flow
-    def _transformer(self, latents, sigma, embeds, module=None):
+    def _transformer(self, latents, sigma, embeds, module=None, condition=None):
         if self.coord_channels:
             latents = torch.cat([latents, coordinate_channels(latents)], 1)
+        if condition is not None:  # image-to-video: [latents, mask + condition latents] on channels
+            latents = torch.cat([latents, condition.to(latents.dtype)], 1)
         # timesteps stay fp32: Wan keeps its time embedder in fp32 (_keep_in_fp32_modules)
         out = (module or self.transformer)(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
                                            encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
@@ -333,9 +375,12 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
     def _guided(self, latents, sigma, cond: WanCond, guidance: float, module, detach_uncond: bool = False
                 ) -> torch.Tensor:
         """One expert's velocity with CFG (guidance > 1 and negatives) inside."""
+        condition = cond.condition
         if guidance <= 1.0 or cond.negative_prompt_embeds is None:
-            return self._transformer(latents, sigma, cond.prompt_embeds, module)
-        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair(), module)
+            return self._transformer(latents, sigma, cond.prompt_embeds, module, condition)
+        condition = None if condition is None else torch.cat([condition, condition])
+        v = self._transformer(torch.cat([latents, latents]), torch.cat([sigma, sigma]), cond.cfg_pair(), module,
+                              condition)
         v_uncond, v_cond = v.chunk(2)
         if detach_uncond:
             v_uncond = v_uncond.detach()
@@ -410,6 +455,9 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         load = dict(torch_dtype=torch_dtype, **kwargs)
         transformer = WanTransformer3DModel.from_pretrained(src, subfolder="transformer", **load)
         index = local_json("model_index.json")
+        if (index.get("image_encoder") or [None])[0] is not None:
+            raise ValueError(f"{root}: Wan image-to-video with a CLIP image encoder (Wan2.1-I2V) is not supported; "
+                             "image-to-video checkpoints without one (Wan2.2-I2V) are")
         boundary_ratio = index.get("boundary_ratio")
         has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
         transformer_2 = (WanTransformer3DModel.from_pretrained(src, subfolder="transformer_2", **load)
@@ -456,7 +504,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
         if self.tokenizer_spec is None:
             self.tokenizer.save_pretrained(root / "tokenizer")
             tokenizer_entry = ["transformers", type(self.tokenizer).__name__]
-        index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+        index = {"_class_name": "WanImageToVideoPipeline" if self.image_channels else "WanPipeline",
+                 "_diffusers_version": diffusers.__version__,
                  "boundary_ratio": self.boundary_ratio, "expand_timesteps": False,
                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  "text_encoder": ["transformers", type(self.text_encoder).__name__],
@@ -464,7 +513,8 @@ class WanAdapter(LoraAdapterMixin, torch.nn.Module):
                  "transformer": ["diffusers", type(self.transformer).__name__],
                  "transformer_2": (["diffusers", type(self.transformer_2).__name__] if self.transformer_2 is not None
                                    else [None, None]),
-                 "vae": ["diffusers", type(self.vae).__name__]}
+                 "vae": ["diffusers", type(self.vae).__name__],
+                 **({"image_encoder": [None, None], "image_processor": [None, None]} if self.image_channels else {})}
         (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         all_settings = {"max_sequence_length": self.max_sequence_length, "video_size": list(self.video_size),
                         "defaults": self.defaults,
