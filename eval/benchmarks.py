@@ -106,6 +106,7 @@ FAMILY_BENCH = {
     "z_image": ("tiny_z_image", {}, 5.0, ""),
     "hunyuan_video": ("tiny_hunyuan_video", {}, 6.0, None),
     "flux2_klein": ("tiny_flux2_klein", {}, 4.0, ""),
+    "flux2": ("tiny_flux2", {}, 4.0, None),
 }
 
 

@@ -89,3 +89,45 @@ def test_load_model_recognises_flux2_klein(tmp_path):
     distilled = tiny_flux2_klein(seed=0, is_distilled=True)
     loaded = assert_load_model_recognises(distilled.pipeline(), tmp_path, Flux2KleinAdapter)
     assert loaded.is_distilled  # read from the pipeline's config
+
+
+# ----------------------------------------------------------------------------- FLUX.2 [dev]
+
+
+@pytest.fixture(scope="module")
+def dev():
+    from samplers.models.tiny import tiny_flux2
+
+    return tiny_flux2(seed=0)
+
+
+def test_dev_encode_prompt_matches_pipeline(dev):
+    pe, _ = dev.pipeline().encode_prompt(list(PROMPTS), device="cpu", max_sequence_length=dev.max_sequence_length,
+                                         text_encoder_out_layers=(1, 2, 3))
+    cond = dev.encode_prompt(PROMPTS, negative_prompt="")
+    torch.testing.assert_close(cond.prompt_embeds, pe, atol=1e-6, rtol=0)
+    assert cond.negative_prompt_embeds is None  # guidance-distilled: no CFG branch
+    assert not torch.equal(pe[0], pe[1])  # the prompt survives the system message
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])  # the embedded scale, one branch either way
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_dev_ode_rollout_reproduces_flux2_pipeline(dev, guidance, size):
+    ours, expected = _compare(dev, dev.pipeline(), *size, guidance)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dev_lora_rescore_training_and_loading(dev, tmp_path):
+    from samplers.models.flux2 import Flux2Adapter
+    from samplers.models.tiny import tiny_flux2
+
+    assert_sde_rescore_is_exact(dev, dev.encode_prompt(PROMPTS), dev.sigmas(4), 4.0)
+    tuned = lora_model(dev)
+    tuned.save_lora(tmp_path / "lora")
+    pipe = tiny_flux2(seed=0).pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    ours, expected = _compare(tuned, pipe, 32, 32, 4.0, steps=2)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert_one_epoch_trains_every_lora_weight("flow_grpo", lambda: tiny_flux2(seed=0), tmp_path,
+                                              sampler=dict(guidance=4.0))
+    assert_load_model_recognises(dev.pipeline(), tmp_path / "saved", Flux2Adapter)

@@ -23,6 +23,7 @@ LAZY_FAMILIES = {
     "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
     "ZImagePipeline": "z_image:ZImageAdapter",
     "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoAdapter",
+    "Flux2Pipeline": "flux2:Flux2Adapter",
     "Flux2KleinPipeline": "flux2:Flux2KleinAdapter",
 }
 

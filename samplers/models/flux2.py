@@ -1,4 +1,5 @@
-"""FLUX.2 family adapter: FLUX.2 [klein] (`Flux2KleinPipeline`, Qwen3 text encoder).
+"""FLUX.2 family adapters: FLUX.2 [dev] (`Flux2Pipeline`, Mistral-3 encoder, embedded guidance)
+and FLUX.2 [klein] (`Flux2KleinPipeline`, Qwen3 encoder, CFG).
 
 The same calls as every adapter, on the patchified latents FLUX.2 denoises [B, 4C, H/16, W/16]:
 
@@ -19,9 +20,11 @@ Following `Flux2KleinPipeline` (diffusers) exactly:
   embedding. Timestep sigma * 1000 / 1000 in fp32.
 - schedule: linspace(1, 1/S, S) shifted by exp(mu) with the pipeline's `compute_empirical_mu`
   (a function of the token count and of S), through the checkpoint's scheduler.
-FLUX.2 [dev] (`Flux2Pipeline`: a Mistral-3 vision-language encoder behind a Pixtral processor and
-embedded guidance) shares the transformer, latents and schedule; its prompt encoder is not
-covered here (no offline tiny Mistral-3 processor to test it against).
+FLUX.2 [dev] (`Flux2Pipeline`, `Flux2Adapter`) shares the transformer, latents and schedule; its
+prompt is the pipeline's system message + the prompt as a chat through the processor's template
+(`format_input`), read from the Mistral-3 encoder at layers (10, 20, 30); guidance-distilled, so
+`guidance` is the embedded scale (one forward pass, no CFG branch). The pipeline's optional caption
+upsampling (a generation by the VL model) is not part of the adapter.
 """
 
 from __future__ import annotations
@@ -137,10 +140,10 @@ class Flux2KleinAdapter(PipelineAdapter):
         return Flux2Cond(embeds, negative)
 
     # ------------------------------------------------------------------ flow
-    def _transformer(self, tokens, timestep, embeds, img_ids):
+    def _transformer(self, tokens, timestep, embeds, img_ids, guidance=None):
         b, length = embeds.shape[:2]
         txt_ids = position_ids(1, 1, length, device=tokens.device).expand(b, -1, -1)
-        out = self.transformer(hidden_states=tokens.to(self.dtype), timestep=timestep.to(self.dtype), guidance=None,
+        out = self.transformer(hidden_states=tokens.to(self.dtype), timestep=timestep.to(self.dtype), guidance=guidance,
                                encoder_hidden_states=embeds.to(self.dtype), txt_ids=txt_ids, img_ids=img_ids,
                                return_dict=False)[0]
         return out.float()
@@ -186,3 +189,55 @@ class Flux2KleinAdapter(PipelineAdapter):
         z = Flux2KleinPipeline._patchify_latents((dist.sample(generator) if sample else dist.mode()).float())
         mean, std = self._bn_stats(z)
         return (z - mean) / std
+
+
+class Flux2Adapter(Flux2KleinAdapter):
+    """FLUX.2 [dev]: `Flux2Transformer2DModel` (guidance embedding) + `AutoencoderKLFlux2` + Mistral-3."""
+
+    family = "flux2"
+    pipeline_class_name = "Flux2Pipeline"
+    # Flux2Pipeline's call defaults: 50 steps, embedded guidance 4.0, 1024 px
+    base_defaults = {"num_steps": 50, "guidance": 4.0, "resolution": 1024}
+    settings_keys = ("max_sequence_length", "text_encoder_out_layers")
+
+    def __init__(self, components: dict, defaults: dict | None = None, max_sequence_length: int = 512,
+                 text_encoder_out_layers: Sequence[int] = (10, 20, 30)):
+        PipelineAdapter.__init__(self, components, defaults, max_sequence_length=max_sequence_length,
+                                 text_encoder_out_layers=[int(k) for k in text_encoder_out_layers])
+        self.is_distilled = True  # guidance-distilled: never a CFG branch
+
+    @classmethod
+    def from_pipeline(cls, pipe, defaults: dict | None = None, **settings):
+        return PipelineAdapter.from_pipeline.__func__(cls, pipe, defaults=defaults, **settings)
+
+    def pipeline(self):
+        return PipelineAdapter.pipeline(self)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        inputs = self.tokenizer.apply_chat_template(format_input(prompts=prompts, system_message=SYSTEM_MESSAGE),
+                                                    add_generation_prompt=False, tokenize=True, return_dict=True,
+                                                    return_tensors="pt", padding="max_length", truncation=True,
+                                                    max_length=self.max_sequence_length)
+        device = self.text_encoder.device
+        hidden = self.text_encoder(input_ids=inputs["input_ids"].to(device),
+                                   attention_mask=inputs["attention_mask"].to(device), output_hidden_states=True,
+                                   use_cache=False).hidden_states
+        layers = torch.stack([hidden[k] for k in self.text_encoder_out_layers], dim=1)  # [B, K, L, D]
+        b, k, length, d = layers.shape
+        return layers.permute(0, 2, 1, 3).reshape(b, length, k * d)
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Flux2Cond,
+                 guidance: float | None = None, detach_uncond: bool = False) -> torch.Tensor:
+        """v = eps - x0 (fp32) at patchified latents [B, 4C, h, w]; `guidance` is the embedded
+        scale (default: the checkpoint's), one forward pass."""
+        b, c, h, w = latents.shape
+        scale = self.defaults["guidance"] if guidance is None else guidance
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
+        tokens = latents.reshape(b, c, h * w).permute(0, 2, 1)
+        img_ids = position_ids(h, w, device=latents.device).expand(b, -1, -1)
+        g = torch.full((b,), float(scale), device=latents.device, dtype=torch.float32)
+        v = self._transformer(tokens, pipeline_timestep(sigma), cond.prompt_embeds, img_ids, g)
+        return v.permute(0, 2, 1).reshape(b, c, h, w)

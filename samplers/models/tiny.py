@@ -261,6 +261,57 @@ def tiny_hunyuan_video(seed: int = 0):
                                video_size=(5, 32, 32)).eval().requires_grad_(False)
 
 
+# a chat template over typed content parts (the processor's message format of Flux2Pipeline)
+PARTS_CHAT_TEMPLATE = (
+    "{% for message in messages %}[{{ message['role'] }}]{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}[/{{ message['role'] }}]{% endfor %}")
+
+
+def _tiny_flux2_parts(seed: int):
+    """(VAE with random batch-norm statistics, scheduler) shared by the FLUX.2 toys."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    return vae, FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def tiny_flux2(seed: int = 0):
+    """FLUX.2 [dev] at toy size: as the klein toy, with a guidance embedding and a three-layer
+    `Mistral3ForConditionalGeneration` (a one-layer Pixtral vision tower) read at layers (1, 2, 3),
+    the byte-level tokenizer with a typed-parts chat template standing in for the processor."""
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from .flux2 import Flux2Adapter
+
+    vae, scheduler = _tiny_flux2_parts(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = PARTS_CHAT_TEMPLATE
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=1024),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, patch_size=14, image_size=56, head_dim=8),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"), spatial_merge_size=2,
+        vision_feature_layer=-1))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=True)
+    components = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer)
+    # the system message is 168 bytes: 256 byte tokens keep the prompt
+    return Flux2Adapter(components, defaults={"num_steps": 4, "resolution": 32}, max_sequence_length=256,
+                        text_encoder_out_layers=(1, 2, 3)).eval().requires_grad_(False)
+
+
 def tiny_flux2_klein(seed: int = 0, is_distilled: bool = False):
     """FLUX.2 [klein] at toy size: 32 px images -> 16x16 VAE latents of 4 channels -> 8x8 patchified
     latents of 16 (64 tokens); a three-layer Qwen3 causal LM read at layers (1, 2, 3); random
