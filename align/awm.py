@@ -24,8 +24,6 @@ epoch's starting weights are kept as a snapshot and re-scored (one extra forward
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,13 +33,11 @@ from torch import Tensor
 from samplers.schedules import flow_sigmas
 
 from .config import doc, register_config
-from .data import PromptConfig
 from .ema import EMA, DecaySchedule
 from .losses import AWM_WEIGHTINGS, awm_log_prob, clipped_policy_loss, velocity_kl
-from .runtime import LoraSettings, reference_policy, transformer_as
-from .trainer import (EMAConfig, ForwardSamplerConfig, OptimizerConfig, Run, advantage_targets, collect_samples,
-                      StateBundle, optimizer_step, plan_sample_updates, run_epochs, setup_run, training_noise,
-                      training_times)
+from .runtime import reference_policy, transformer_as
+from .trainer import (EMAConfig, ForwardSamplerConfig, OnlineSettings, Run, StateBundle,
+                      advantage_targets, collect_samples, fit_samples, make_ema, run_epochs, setup_run, training_times)
 
 __all__ = ["AWMConfig", "train", "awm_schedule", "awm_step_loss"]
 
@@ -50,20 +46,11 @@ _ORDER, _TIMES, _TRAIN_NOISE = 4, 6, 7  # derive_seed purposes
 
 @register_config("awm")
 @dataclass
-class AWMConfig:
+class AWMConfig(OnlineSettings):
     """Advantage Weighted Matching. Defaults are the reference's SD3.5-M GenEval recipe without CFG
     (config/dgx_awm.py: geneval_sd3_no_cfg_1node)."""
 
-    model: str = doc("shapesworld", "'shapesworld' (built-in), 'toy:test' (tiny random model), a diffusers folder "
-                                    "or a hub id.")
-    lora: LoraSettings = doc(LoraSettings(), "LoRA settings (rank 0 = full fine-tune).")
-    reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward.")
-    prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
-    monitor_rewards: list[str | dict] = doc(["shapes_quality"], "Rewards scored on held-out samples and never "
-                                                                "optimised (eval_<name>_mean).")
-    group_size: int = doc(24, "Samples per prompt K (paper: 24).")
     groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks.")
-    num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
     sampler: ForwardSamplerConfig = doc(ForwardSamplerConfig(num_steps=14, guidance=1.0), "Rollout and "
                                         "evaluation sampling (paper: 14 steps, no CFG; the training forward uses "
                                         "the same guidance).")
@@ -81,50 +68,24 @@ class AWMConfig:
     ema_kl_beta: float = doc(1.0, "Weight of |v_theta - v_kl_ema|^2 to a slow EMA of the policy (paper: 1).")
     kl_ema_decay: DecaySchedule = doc(DecaySchedule(0.0, 0.001, 0, 0.3), "Decay of the KL-EMA after each epoch: "
                                       "min(0.001 s, 0.3) (paper 'linear').")
-    adv_std: Literal["global", "group", "none"] = doc("global", "Advantage std: batch ('global', paper), per "
-                                                                "prompt ('group') or none.")
-    adv_eps: float = doc(1e-4, "Added to the advantage std.")
-    adv_clip: float = doc(5.0, "Clip A to +-adv_clip.")
-    optimizer: OptimizerConfig = doc(OptimizerConfig(), "AdamW settings and gradient clipping (paper lr 3e-4).")
-    updates_per_epoch: int = doc(1, "Optimizer steps per pass over the epoch's samples (paper: 1, on-policy).")
-    inner_epochs: int = doc(1, "Passes over the epoch's samples.")
     micro_batch_size: int = doc(8, "Samples per training forward on each rank (x the training times).")
     ema: EMAConfig = doc(EMAConfig(decay=0.99, update_interval=1), "EMA of the trainable weights for evaluation "
                                                                    "(paper: 0.99 every step).")
-    seed: int = doc(0, "Seed of everything random.")
     output_dir: str = doc("runs/awm", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
-    checkpoint_every: int = doc(10, "Save a checkpoint every N epochs (and at the end); 0 = end only.")
-    keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
-    eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation; 0 = none.")
-    eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
-    resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
-    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
-                                 "fresh start into a folder holding checkpoints or metrics is refused.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights' dtype on CUDA ('no' on CPU).")
-    gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
-    attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA only).")
-    find_unused_parameters: bool = doc(False, "DDP find_unused_parameters.")
-    wandb_project: str | None = doc(None, "Also log to this Weights & Biases project.")
-    quiet: bool = doc(False, "No per-epoch summary line on the console.")
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages compare the samples of a group)")
-        for name in ("groups_per_epoch", "num_epochs", "num_train_timesteps", "updates_per_epoch", "inner_epochs",
-                     "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        super().__post_init__()
+        if self.micro_batch_size < 1 or self.num_train_timesteps < 1:
+            raise ValueError("micro_batch_size and num_train_timesteps must be >= 1")
         if self.weighting not in AWM_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {AWM_WEIGHTINGS}")
-        for name in ("clip_range", "advantage_max", "adv_clip", "ghuber_power"):
+        for name in ("clip_range", "advantage_max", "ghuber_power"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.kl_beta < 0 or self.ema_kl_beta < 0:
             raise ValueError("kl_beta and ema_kl_beta must be >= 0")
         if len(awm_schedule(self)) < 1:
             raise ValueError("timestep_fraction leaves no candidate training time: need int(num_steps * fraction) >= 2")
-        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
 
 
 def awm_schedule(cfg: AWMConfig) -> Tensor:
@@ -184,8 +145,7 @@ def train(cfg: AWMConfig, model=None, reward=None) -> dict[str, Any]:
     on_policy = cfg.updates_per_epoch * cfg.inner_epochs == 1
     old = None if on_policy else EMA(run.trainable.items(), decay=0.0, warmup=False)  # weights at the epoch's start
     kl_ema = EMA(run.trainable.items(), decay=0.0, warmup=False) if cfg.ema_kl_beta else None
-    ema = EMA(run.trainable.items(), cfg.ema.decay, cfg.ema.update_interval) if cfg.ema.enabled else None
-    state = StateBundle(old=old, kl_ema=kl_ema, ema=ema)
+    ema = make_ema(run)
     schedule = awm_schedule(cfg)
     P, rank = run.num_processes, run.accelerator.process_index
 
@@ -195,53 +155,30 @@ def train(cfg: AWMConfig, model=None, reward=None) -> dict[str, Any]:
         samples = collect_samples(run.model, run.reward_fn, batch, cfg.sampler, cfg.seed, epoch,
                                   share_noise=cfg.share_initial_noise)
         advantages, metrics = advantage_targets(cfg, samples.rewards, samples.extras, batch, run.accelerator)
-        scaled = advantages.clamp(-cfg.adv_clip, cfg.adv_clip) / cfg.adv_clip * cfg.advantage_max  # [n]
         if old is not None:
             old.update(global_step)  # decay 0: a copy of the weights at the epoch's start
-        sums, weight, norms = {}, 0.0, []
-        for update in plan_sample_updates(cfg, batch, epoch, P, _ORDER):
-            passes_left = len(update.micro_batches)
-            for mb in update.micro_batches:
-                index = torch.tensor(mb)
-                times = training_times(cfg.num_train_timesteps, schedule, 1.0, cfg.seed, batch, mb, epoch,
-                                       update.inner, _TIMES)  # [k, b]
-                noise = training_noise(cfg.seed, batch, mb, epoch, update.inner, times.shape[0],
-                                       samples.latents.shape[1:], _TRAIN_NOISE)  # [k, b, *latent]
-                passes_left -= 1
-                with contextlib.nullcontext() if passes_left == 0 else run.accelerator.no_sync(run.policy):
-                    loss, step_metrics = awm_step_loss(run, samples.latents[index].to(run.device),
-                                                       samples.cond.index(index.to(samples.latents.device)),
-                                                       scaled[index].to(run.device), times.to(run.device),
-                                                       noise.to(run.device), old, kl_ema)
-                    run.accelerator.backward(loss * (len(mb) * update.scale))
-                w = len(mb) if update.scale > 0 else 0.0
-                for key, value in step_metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
-                weight += w
-            norms.append(optimizer_step(run))
-            global_step += 1
-            if ema is not None:
-                ema.update(global_step)
+        run.phase(f"epoch {epoch + 1}: training")
+
+        def times(mb: list[int], inner: int) -> Tensor:
+            return training_times(cfg.num_train_timesteps, schedule, 1.0, cfg.seed, batch, mb, epoch, inner, _TIMES)
+
+        def step_loss(x0, cond, scaled, t, noise):
+            return awm_step_loss(run, x0, cond, scaled, t, noise, old, kl_ema)
+
+        scaled = advantages.clamp(-cfg.adv_clip, cfg.adv_clip) / cfg.adv_clip * cfg.advantage_max  # [n]
+        fitted, global_step = fit_samples(run, samples, batch, epoch, global_step, times, step_loss, scaled, ema)
+        metrics.update(fitted)
         if kl_ema is not None:
             kl_ema.decay = cfg.kl_ema_decay(global_step)
             kl_ema.update(global_step)
             metrics["kl_ema_decay"] = kl_ema.decay
-        metrics.update({k: v / weight if weight else math.nan for k, v in sums.items()})
-        metrics.update(grad_norm=sum(norms) / max(len(norms), 1), optimizer_steps=len(norms))
         return metrics, global_step
 
-    eval_weights = (lambda: ema.swapped()) if ema is not None and cfg.ema.use_for_eval else contextlib.nullcontext
-    return run_epochs(run, epoch_fn, title=f"awm on {cfg.model}", summary=_summary, state=state,
-                      eval_weights=eval_weights, export_ema=ema)
+    return run_epochs(run, epoch_fn, title=f"awm on {cfg.model}", summary=SUMMARY, ema=ema,
+                      state=StateBundle(kl_ema=kl_ema, ema=ema))
 
 
-def _summary(m: dict[str, Any]) -> str:
-    parts = [f"reward {m.get('reward_mean', math.nan):.3f}±{m.get('reward_std', math.nan):.3f}"]
-    if "reward_strict" in m:
-        parts.append(f"strict {m['reward_strict']:.3f}")
-    if "eval_reward_mean" in m:
-        parts.append(f"held-out {m['eval_reward_mean']:.3f}")
-    parts += [f"loss {m.get('policy_loss', math.nan):.3g}", f"kl {m.get('kl', math.nan):.2e}",
-              f"ema-kl {m.get('ema_kl', math.nan):.2e}", f"|g| {m.get('grad_norm', math.nan):.3g}",
-              f"{m.get('time_epoch', 0.0):.1f}s"]
-    return " | ".join(parts)
+# (label, metric, format) of the epoch summary line
+SUMMARY = [("loss", "policy_loss", ".3g"),
+           ("kl", "kl", ".2e"),
+           ("ema-kl", "ema_kl", ".2e")]

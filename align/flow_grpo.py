@@ -35,28 +35,24 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from eval.monitor import HackingMonitor
+from samplers.generate import encode_prompts
 from samplers.rollout import Trajectory, random_window, rescore_step, rollout, window_step_types
 from samplers.schedules import flow_sigmas
 
 from .advantages import gather_for_advantages, group_advantages, nonzero_group_mask
-from .checkpoint import load_checkpoint, prepare_output_dir, rng_state, save_checkpoint, set_rng_state
-from .config import doc, register_config, save_config
-from .data import PromptConfig, PromptDataset, SampleBatch, derive_seed, load_prompt_items
-from .ema import EMA
+from .config import doc, register_config
+from .data import SampleBatch, derive_seed
 from .euphonium import (EuphoniumConfig, build_process_reward, distillation_kl, dual_clipped_loss, make_grad_fn,
                         process_advantages, window_mask)
 from .losses import clipped_policy_loss, flow_grpo_kl
-from .metrics import MetricsLogger, TrainingProgress, write_summary
-from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
-                      reference_policy, resolve_attention_backend, resolve_mixed_precision, setup_trainable,
-                      transformer_as)
+from .runtime import LoraSettings, reference_policy, resolve_attention_backend, resolve_mixed_precision, transformer_as
+from .trainer import (STEP_NOISE, EMAConfig, OnlineSettings, OptimizerConfig, initial_noise, make_ema, optimizer_step,
+                      run_epochs, setup_run)
 
 __all__ = [
     "FlowGRPOConfig",
@@ -82,8 +78,8 @@ VARIANT_DEFAULTS = {
     "euphonium": dict(adv_std="group", adv_eps=1e-8, clip_range=1e-4, kl_beta=0.0, share_initial_noise=True),
 }
 _DANCE_LIKE = ("dance", "euphonium")  # constant-eta SDE on every step, a random subset of steps trained
-# Purposes for derive_seed(seed, epoch, PURPOSE, ...): independent streams per use.
-_NOISE, _STEP_NOISE, _WINDOW, _ORDER, _STEPS = 1, 2, 3, 4, 5
+# Purposes for derive_seed(seed, epoch, PURPOSE, ...): independent streams per use (noise: align.trainer).
+_WINDOW, _ORDER, _STEPS = 3, 4, 5
 
 
 # ============================================================================= config
@@ -114,46 +110,11 @@ class GRPOSamplerConfig:
             raise ValueError("sampler.batch_size must be >= 1")
 
 
-@dataclass
-class OptimizerConfig:
-    """AdamW on the trainable parameters."""
-
-    lr: float = doc(3e-4, "Learning rate (Flow-GRPO LoRA: 3e-4; full fine-tunes want ~1e-5).")
-    weight_decay: float = doc(1e-4, "AdamW weight decay.")
-    betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas.")
-    eps: float = doc(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = doc(1.0, "Clip the global gradient norm to this (0 = no clipping, norm still logged).")
-
-
-@dataclass
-class EMAConfig:
-    """Exponential moving average of the trainable parameters."""
-
-    enabled: bool = doc(True, "Keep an EMA of the trainable parameters.")
-    decay: float = doc(0.9, "EMA decay (Flow-GRPO: 0.9), warmed up as min((1 + n) / (10 + n), decay).")
-    update_interval: int = doc(8, "Optimizer steps between EMA updates (Flow-GRPO: 8).")
-    use_for_eval: bool = doc(True, "Evaluate held-out prompts with the EMA weights.")
-
-
 @register_config("flow_grpo")
 @dataclass
-class FlowGRPOConfig:
+class FlowGRPOConfig(OnlineSettings):
     """Flow-GRPO / Flow-GRPO-Fast / DanceGRPO. Null fields take the variant's paper default."""
 
-    model: str = doc("shapesworld", "'shapesworld' (built-in), 'toy:test' (tiny random model), a diffusers folder "
-                                    "or a hub id.")
-    lora: LoraSettings = doc(LoraSettings(), "LoRA settings (rank 0 = full fine-tune).")
-    reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward: a registered name, "
-                                               "'pkg.module:attr' or a dict with arguments. A reward model on "
-                                               "its own GPU: {name: pickscore, device: 'cuda:1'}; a judge "
-                                               "behind an endpoint: {name: http_judge, base_url: ...}.")
-    prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
-    monitor_rewards: list[str | dict] = doc(["shapes_quality"], "Rewards scored on the held-out samples and never "
-                                            "optimised (logged as eval_<name>_mean): one that falls while the "
-                                            "trained reward rises flags reward hacking.")
-    group_size: int = doc(24, "Samples per prompt K (a group).")
-    groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks.")
-    num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
     sampler: GRPOSamplerConfig = doc(GRPOSamplerConfig(), "Rollout and evaluation sampling.")
     variant: Literal["flow_grpo", "fast", "dance", "euphonium"] = doc(
         "flow_grpo", "flow_grpo | fast (SDE window) | dance | euphonium (process-reward-guided dance).")
@@ -173,14 +134,11 @@ class FlowGRPOConfig:
     adv_std: Literal["global", "group", "none"] | None = doc(
         None, "Advantage std: 'global' batch std (Flow-GRPO), 'group' per prompt (DanceGRPO), 'none'.")
     adv_eps: float | None = doc(None, "Added to the advantage std (null: 1e-4, dance 1e-8).")
-    adv_clip: float = doc(5.0, "Clip advantages to +-adv_clip.")
     clip_range: float | None = doc(None, "PPO ratio clip eps (null: 1e-4, fast 1e-5).")
     kl_beta: float | None = doc(None, "KL weight to the reference policy; 0 disables it and the reference "
                                       "forward (null: 0.04, dance 0).")
-    optimizer: OptimizerConfig = doc(OptimizerConfig(), "AdamW settings and gradient clipping.")
     updates_per_epoch: int = doc(2, "Optimizer steps per pass over the epoch's samples (each accumulates the "
                                     "gradients of its share of samples x trained steps).")
-    inner_epochs: int = doc(1, "Passes over the epoch's samples (Flow-GRPO num_inner_epochs).")
     micro_batch_size: int = doc(8, "Samples per training forward on each rank. Re-scoring reproduces the "
                                    "sampling log-probs bit for bit only if the network sees the same batch "
                                    "shapes (hardware-dependent); see recompute_old_log_probs.")
@@ -194,33 +152,12 @@ class FlowGRPOConfig:
                                                "exactly 1 whatever the batch shapes / kernels (one extra forward "
                                                "per trained transition).")
     ema: EMAConfig = doc(EMAConfig(), "EMA of the trainable parameters.")
-    seed: int = doc(0, "Seed of everything random (prompts, noise, windows, sample order).")
     output_dir: str = doc("runs/flow_grpo", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
-    checkpoint_every: int = doc(10, "Save a checkpoint every N epochs (and always at the end); 0 = end only.")
-    keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
-    eval_grid_size: int = doc(24, "Held-out samples (spread over the set) saved as a captioned grid at every "
-                                  "evaluation, OUTPUT_DIR/samples/epoch_NNNN.png; 0 = none.")
-    eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
-    resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
-    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
-                                 "fresh start into a folder holding checkpoints or metrics is refused.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = doc(
-        "no", "Frozen weights / autocast dtype on CUDA ('no' on CPU); step and log-prob math is fp32 regardless.")
-    gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
-    attention_backend: Literal["sdpa", "xformers"] = doc(
-        "sdpa", "'sdpa' (torch) or 'xformers' (only with the package and CUDA; otherwise warns and uses sdpa).")
-    find_unused_parameters: bool = doc(False, "DDP find_unused_parameters (needed if some trainable weights get "
-                                              "no gradient in a forward).")
-    wandb_project: str | None = doc(None, "Also log metrics to this Weights & Biases project (needs `pip install "
-                                          "wandb`; CSV, TensorBoard and the PNG curve are always written).")
-    quiet: bool = doc(False, "No per-epoch summary line on the console.")
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages compare samples of a group)")
-        for name in ("groups_per_epoch", "num_epochs", "updates_per_epoch", "inner_epochs", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        super().__post_init__()
+        if self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
         if not 0 < self.timestep_fraction <= 1 or not 0 < self.step_fraction <= 1:
             raise ValueError("timestep_fraction and step_fraction must be in (0, 1]")
         if self.variant == "fast" and not 1 <= self.window_size <= self.sampler.num_steps // 2:
@@ -229,8 +166,6 @@ class FlowGRPOConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
         if self.variant == "euphonium":
             if not (self.euphonium.prm or self.euphonium.process_reward):
                 raise ValueError("variant euphonium needs euphonium.prm, a process reward model folder "
@@ -300,20 +235,6 @@ class Rollouts:
     process_rewards: Tensor | None = None  # euphonium: [n, T] r_p of each guided step's input state, NaN elsewhere
 
 
-def _initial_noise(cfg: FlowGRPOConfig, batch: SampleBatch, epoch: int, latent_shape, share: bool) -> Tensor:
-    """[n, *latent] noise seeded per sample (or per group if shared), independent of the rank layout."""
-    keys = batch.group_ids if share else batch.sample_ids
-    return torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(
-        derive_seed(cfg.seed, epoch, _NOISE, int(share), int(k)))) for k in keys])
-
-
-def _encode(model, prompts: list[str], guidance: float, negative_prompt: str):
-    """Conditioning of n prompts, each distinct prompt encoded once."""
-    unique = list(dict.fromkeys(prompts))
-    cond = model.encode_prompt(unique, negative_prompt=negative_prompt if guidance > 1 else None)
-    return cond.index(torch.tensor([unique.index(p) for p in prompts], device=model.device))
-
-
 @torch.no_grad()
 def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, epoch: int,
                      step_types: list[str], step_params: dict, prm=None) -> Rollouts:
@@ -322,8 +243,8 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
     s = cfg.sampler
     device = model.device
     sigmas = flow_sigmas(s.num_steps, shift=s.shift, device=device)
-    cond = _encode(model, batch.prompts, s.guidance, s.negative_prompt)
-    noise = _initial_noise(cfg, batch, epoch, model.latent_shape(s.resolution, s.resolution),
+    cond = encode_prompts(model, batch.prompts, s.guidance, s.negative_prompt)
+    noise = initial_noise(cfg.seed, epoch, batch, model.latent_shape(s.resolution, s.resolution),
                           cfg.share_initial_noise).to(device)
     trajectories, rewards, extras, guided, process = [], [], {}, {}, {}
     record: dict[str, Tensor] = {}  # r_p of the latest guided step's input state (make_grad_fn)
@@ -339,7 +260,7 @@ def collect_rollouts(model, reward_fn, batch: SampleBatch, cfg: FlowGRPOConfig, 
         # step noise seeded by the batch's first global sample: the same for any rank layout whose
         # per-rank sample count is a multiple of the batch size
         generator = torch.Generator(device=device).manual_seed(
-            derive_seed(cfg.seed, epoch, _STEP_NOISE, int(batch.sample_ids[start])))
+            derive_seed(cfg.seed, epoch, STEP_NOISE, int(batch.sample_ids[start])))
         params = step_params
         if prm is not None:
             params = {**step_params, "guided": {**step_params["guided"], "grad_fn": make_grad_fn(
@@ -472,118 +393,6 @@ def recompute_old_log_probs(model, rollouts: Rollouts, updates: list[Update]) ->
 # ============================================================================= evaluation
 
 
-def _reward_name(spec: str | dict) -> str:
-    return spec if isinstance(spec, str) else str(spec.get("name", spec.get("type", "monitor")))
-
-
-@torch.no_grad()
-def evaluate(model, reward_fn, items: list[dict], cfg: FlowGRPOConfig, accelerator,
-             monitors: dict | None = None, grid_path: Path | None = None) -> dict[str, float]:
-    """Held-out means with the ODE sampler at eval_num_steps: the trained reward ("eval_reward_mean"),
-    its per-sample extras (e.g. "eval_strict_mean"), the monitor rewards ("eval_<name>_mean") and,
-    for ShapesWorld prompts, the per-category strict score ("eval_strict_<tag>").
-    Sample i uses seed i, so evaluations of different epochs and runs are paired. With
-    `grid_path`, the main process saves `cfg.eval_grid_size` of its samples, captioned with the
-    prompt and the headline score, as one PNG."""
-    from accelerate.utils import gather_object
-
-    from eval.grid import save_caption_grid
-    from samplers.generate import generate
-    from samplers.progress import track
-
-    s = cfg.sampler
-    repeats = cfg.prompts.eval_samples_per_prompt
-    samples = [(index, items[index // repeats]) for index in range(len(items) * repeats)]  # (seed, item)
-    mine = samples[accelerator.process_index :: accelerator.num_processes]
-    every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
-    results, grid_images, grid_index = [], [], []
-    batches = range(0, len(mine), s.batch_size)
-    for start in track(batches, "held-out evaluation", unit="batches", enabled=accelerator.is_main_process,
-                       quiet=getattr(cfg, "quiet", False)):
-        chunk = mine[start : start + s.batch_size]
-        prompts = [item["prompt"] for _, item in chunk]
-        metas = [item.get("meta") for _, item in chunk]
-        images = generate(model, prompts, [i for i, _ in chunk], num_steps=s.eval_num_steps,
-                          guidance=s.guidance if s.eval_guidance is None else s.eval_guidance, shift=s.shift,
-                          sampler="ode", negative_prompt=s.negative_prompt, batch_size=s.batch_size,
-                          resolution=s.resolution)
-        images = images.to(model.device)
-        out = reward_fn(images, prompts, metadata=metas)
-        per_sample = {"reward": out.scores.float().cpu()}
-        per_sample.update({k: v.float().cpu() for k, v in out.extras.items()
-                           if isinstance(v, Tensor) and v.ndim == 1 and v.shape[0] == len(chunk)})
-        for name, monitor in (monitors or {}).items():
-            per_sample[name] = monitor(images, prompts, metadata=metas).scores.float().cpu()
-        for j in range(len(chunk)):
-            if every and (start + j) % every == 0 and len(grid_images) < cfg.eval_grid_size:
-                grid_images.append(images[j].cpu())
-                grid_index.append(len(results) + j)
-        results += [{"tag": (meta or {}).get("tag"), **{k: float(v[j]) for k, v in per_sample.items()}}
-                    for j, meta in enumerate(metas)]
-    if grid_path is not None and grid_images and accelerator.is_main_process:
-        key = "strict" if "strict" in results[0] else "reward"
-        captions = [f"{key} {results[i][key]:.2f}: {mine[i][1]['prompt']}" for i in grid_index]
-        save_caption_grid(torch.stack(grid_images), captions, grid_path, ncol=6)
-    if accelerator.num_processes > 1:
-        results = gather_object(results)
-    metrics = {}
-    for key in [k for k in results[0] if k != "tag"] if results else []:
-        values = torch.tensor([r.get(key, math.nan) for r in results])
-        metrics[f"eval_{key}_mean"] = float(torch.nanmean(values))
-    headline = "strict" if results and "strict" in results[0] else "reward"
-    for tag in dict.fromkeys(r["tag"] for r in results if r["tag"]):
-        metrics[f"eval_{headline}_{tag}"] = float(torch.nanmean(torch.tensor([r[headline] for r in results
-                                                                            if r["tag"] == tag])))
-    metrics["eval_num_samples"] = len(results)
-    return metrics
-
-
-# ============================================================================= checkpoints
-
-
-def _save(accelerator, model, cfg, epoch: int, global_step: int, trainable, optimizer, ema) -> None:
-    """Checkpoint of the state after `epoch` (collective: every rank must call it)."""
-    from accelerate.utils import gather_object
-
-    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-    if accelerator.is_main_process:
-        state = {"optimizer": optimizer.state_dict(), "rng": rng,
-                 "ema": ema.state_dict() if ema is not None else None}
-        export = (lambda folder: model.save_lora(folder / "lora")) if cfg.lora.rank > 0 else None
-        save_checkpoint(cfg.output_dir, epoch, {n: p.detach() for n, p in trainable.items()}, state,
-                        info={"global_step": global_step}, export=export, keep_last=cfg.keep_checkpoints or None)
-    accelerator.wait_for_everyone()
-
-
-def _restore(path: Path, accelerator, trainable, optimizer, ema) -> tuple[int, int]:
-    """Load a checkpoint into the run; returns (next epoch, global step)."""
-    weights, state, info = load_checkpoint(path)
-    missing = set(trainable) - set(weights)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable weights, e.g. {sorted(missing)[:3]} "
-                         "(was it written with the same model and LoRA settings?)")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    rng = state.get("rng") or []
-    if len(rng) == accelerator.num_processes:  # another world size: keep the fresh RNG states
-        set_rng_state(rng[accelerator.process_index])
-    return int(info["epoch"]) + 1, int(info["global_step"])
-
-
-def _export_final(model, cfg, ema) -> None:
-    """OUTPUT_DIR/final (and final_ema): the LoRA in diffusers format, or the whole model folder."""
-    out = Path(cfg.output_dir)
-    save = (lambda d: model.save_lora(d)) if cfg.lora.rank > 0 else (lambda d: model.save_pretrained(d))
-    save(out / "final")
-    if ema is not None:
-        with ema.swapped():
-            save(out / "final_ema")
-
-
 # ============================================================================= policy update
 
 
@@ -686,154 +495,54 @@ def train(cfg: FlowGRPOConfig, model=None, reward=None) -> dict[str, Any]:
     model: a FlowModel adapter to train in place (default: load `cfg.model`); reward: a Reward
     (default: build `cfg.reward`). Works on one process and under `accelerate launch`.
     """
-    from rewards import build_reward
-
     cfg = resolve_variant_defaults(cfg)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
-    is_main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    out_dir = Path(cfg.output_dir)
-    # before any loading: refuse (or clear, with overwrite) a previous run; None is a fresh start
-    checkpoint = prepare_output_dir(out_dir, cfg.resume, cfg.overwrite, is_main)
-    torch.manual_seed(cfg.seed)  # LoRA init; everything in the loop has its own seeded generator
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    run = setup_run(cfg, model, reward, frozen_reference=bool(cfg.kl_beta))
+    P, rank = run.num_processes, run.accelerator.process_index
+    prm = build_process_reward(cfg.euphonium, run.model, run.device) if cfg.variant == "euphonium" else None
+    ema = make_ema(run)
 
-    # ---- model, reward, trainable parameters, optimizer
-    model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
-    model.to(accelerator.device)
-    reward_fn = reward if reward is not None else build_reward(cfg.reward)
-    prm = None
-    if cfg.variant == "euphonium":
-        prm = build_process_reward(cfg.euphonium, model, accelerator.device)
-    trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=bool(cfg.kl_beta))
-    configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(trainable.values(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    # only the trainable module goes through prepare (DDP); the adapter keeps the raw transformer
-    # for sampling, LoRA switching and saving, and borrows the wrapped one for forwards under grad
-    policy, optimizer = accelerator.prepare(model.transformer, optimizer)
-    ema = EMA(trainable.items(), cfg.ema.decay, cfg.ema.update_interval) if cfg.ema.enabled else None
-    eval_weights = (lambda: ema.swapped()) if ema is not None and cfg.ema.use_for_eval else contextlib.nullcontext
+    def epoch_fn(epoch: int, global_step: int) -> tuple[dict[str, Any], int]:
+        # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
+        start = time.perf_counter()
+        batch = run.train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
+                                           cfg.prompts.spread_groups)
+        step_types, step_params, candidate_steps = epoch_step_schedule(cfg, epoch)
+        rollouts = collect_rollouts(run.model, run.reward_fn, batch, cfg, epoch, step_types, step_params, prm)
+        metrics = {"time_rollout": time.perf_counter() - start}
 
-    # ---- data, resume, logging
-    train_data = PromptDataset(load_prompt_items(cfg.prompts.split, cfg.prompts.file), seed=cfg.seed)
-    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,
-                                   cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
-    monitors = {_reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
-    start_epoch, global_step = 0, 0
-    if checkpoint is not None:
-        start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, ema)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        if checkpoint is not None and not cfg.quiet:
-            print(f"resuming from {checkpoint} (epoch {start_epoch} of {cfg.num_epochs})")
-    logger = MetricsLogger(out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
-                           title=f"{cfg.variant} on {cfg.model}", enabled=is_main, wandb_project=cfg.wandb_project,
-                           run_config=dataclasses.asdict(cfg))
-    hacking = HackingMonitor(held_out=[f"eval_{name}_mean" for name in monitors], history=logger.rows,
-                             log_path=out_dir / "monitor.jsonl" if is_main else None)  # eval/monitor.py
-    metrics: dict[str, Any] = {}
-    last_saved = start_epoch - 1 if checkpoint is not None else None
-    completed, dirty = start_epoch - 1, False  # last finished epoch; weights changed since then?
+        # ---- advantages over the batch gathered from all ranks; no-signal groups dropped
+        advantages_by_id, keep, advantage_metrics = compute_advantages(cfg, rollouts, batch, run.accelerator)
+        metrics.update(advantage_metrics)
+        advantages = advantages_by_id[batch.sample_ids]  # [n] this rank's samples
+        process = None
+        if prm is not None and cfg.euphonium.process_advantages:
+            process, process_metrics = compute_process_advantages(cfg, rollouts, batch, run.accelerator)
+            metrics.update(process_metrics)
 
-    try:
-        with TrainingProgress(cfg.num_epochs, start_epoch, enabled=is_main, quiet=cfg.quiet) as progress:
-            for epoch in range(start_epoch, cfg.num_epochs):
-                epoch_start = time.perf_counter()
-                metrics = {}
+        # ---- policy updates: accumulate -> clip -> step -> EMA
+        run.phase(f"epoch {epoch + 1}: training")
+        train_start = time.perf_counter()
+        updates = plan_updates(cfg, keep, batch, candidate_steps, epoch, P)
+        if cfg.recompute_old_log_probs:
+            recompute_old_log_probs(run.model, rollouts, updates)
+        stats, grad_norms = LossStats(), []
+        for update in updates:
+            accumulate_gradients(run.model, run.policy, run.reference, rollouts, advantages, update, cfg,
+                                 run.accelerator, stats, first_update=not grad_norms, process=process)
+            grad_norms.append(optimizer_step(run))
+            global_step += 1
+            if ema is not None:
+                ema.update(global_step)
+        metrics["time_train"] = time.perf_counter() - train_start
+        metrics.update(stats.reduce(run.accelerator))  # over all ranks
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+        metrics["optimizer_steps"] = len(grad_norms)
+        return metrics, global_step
 
-                # ---- held-out evaluation of the weights after `epoch` epochs
-                if cfg.eval_every and epoch % cfg.eval_every == 0:
-                    progress.phase(f"epoch {epoch + 1}: evaluating")
-                    with eval_weights():
-                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
-                                                grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
-                    metrics.update(hacking.update(epoch, metrics))
-                    metrics["time_eval"] = time.perf_counter() - epoch_start
-
-                # ---- rollouts of this rank's share of groups_per_epoch x group_size samples
-                progress.phase(f"epoch {epoch + 1}: sampling")
-                cpu_start = time.process_time()  # training cost, evaluation excluded
-                rollout_start = time.perf_counter()
-                batch = train_data.epoch_batch(epoch, cfg.groups_per_epoch, cfg.group_size, P, rank,
-                                               cfg.prompts.spread_groups)
-                step_types, step_params, candidate_steps = epoch_step_schedule(cfg, epoch)
-                rollouts = collect_rollouts(model, reward_fn, batch, cfg, epoch, step_types, step_params, prm)
-                metrics["time_rollout"] = time.perf_counter() - rollout_start
-
-                # ---- advantages over the batch gathered from all ranks; no-signal groups dropped
-                advantages_by_id, keep, advantage_metrics = compute_advantages(cfg, rollouts, batch, accelerator)
-                metrics.update(advantage_metrics)
-                advantages = advantages_by_id[batch.sample_ids]  # [n] this rank's samples
-                process = None
-                if prm is not None and cfg.euphonium.process_advantages:
-                    process, process_metrics = compute_process_advantages(cfg, rollouts, batch, accelerator)
-                    metrics.update(process_metrics)
-
-                # ---- policy updates: accumulate -> clip -> step -> EMA
-                progress.phase(f"epoch {epoch + 1}: training")
-                train_start = time.perf_counter()
-                updates = plan_updates(cfg, keep, batch, candidate_steps, epoch, P)
-                if cfg.recompute_old_log_probs:
-                    recompute_old_log_probs(model, rollouts, updates)
-                stats, grad_norms = LossStats(), []
-                for update in updates:
-                    accumulate_gradients(model, policy, reference, rollouts, advantages, update, cfg, accelerator,
-                                         stats, first_update=not grad_norms, process=process)
-                    max_norm = o.max_grad_norm if o.max_grad_norm > 0 else math.inf
-                    grad_norms.append(float(accelerator.clip_grad_norm_(list(trainable.values()), max_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step, dirty = global_step + 1, True
-                    if ema is not None:
-                        ema.update(global_step)
-                metrics["time_train"] = time.perf_counter() - train_start
-                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
-
-                # ---- log (metrics are over all ranks)
-                metrics.update(stats.reduce(accelerator))
-                metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
-                metrics["optimizer_steps"], metrics["global_step"] = len(grad_norms), global_step
-                metrics["time_epoch"] = time.perf_counter() - epoch_start
-                logger.log(epoch, metrics)
-                progress.advance(epoch, _summary(metrics))
-                completed, dirty = epoch, False
-
-                # ---- checkpoint at intervals and after the last epoch
-                if epoch == cfg.num_epochs - 1 or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
-                    _save(accelerator, model, cfg, epoch, global_step, trainable, optimizer, ema)
-                    last_saved = epoch
-    except KeyboardInterrupt:
-        # Checkpoint at exit if the weights are still those of the last finished epoch (a
-        # half-done update phase cannot be resumed exactly), on one process only (with several,
-        # ranks stop at different points and a collective save could hang).
-        if P == 1 and not dirty and completed >= 0 and completed != last_saved:
-            _save(accelerator, model, cfg, completed, global_step, trainable, optimizer, ema)
-            print(f"interrupted: saved the checkpoint of epoch {completed}", flush=True)
-        raise
-
-    # ---- after training: final held-out evaluation and export
-    if cfg.eval_every and start_epoch < cfg.num_epochs:
-        with eval_weights():
-            final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
-                             grid_path=out_dir / "samples" / f"epoch_{cfg.num_epochs:04d}.png")
-        final.update(hacking.update(cfg.num_epochs, final))
-        metrics.update({f"final_{k}": v for k, v in final.items()})
-        logger.log(cfg.num_epochs, final)  # an evaluation-only row: the weights after the last epoch
-    if is_main:
-        _export_final(model, cfg, ema)
-        logger.close()
-        write_summary(logger.rows, out_dir / "summary.md", f"{cfg.variant} on {cfg.model}", echo=not cfg.quiet)
-    accelerator.wait_for_everyone()
-    metrics["last_checkpoint_epoch"] = last_saved
-    return metrics
+    return run_epochs(run, epoch_fn, title=f"{cfg.variant} on {cfg.model}", summary=SUMMARY, ema=ema)
 
 
-def _summary(m: dict[str, Any]) -> str:
-    parts = [f"reward {m.get('reward_mean', math.nan):.3f}±{m.get('reward_std', math.nan):.3f}"]
-    if "eval_reward_mean" in m:
-        parts.append(f"held-out {m['eval_reward_mean']:.3f}")
-    parts += [f"kept {m.get('kept_fraction', math.nan):.2f}", f"kl {m.get('kl', math.nan):.2e}",
-              f"clip {m.get('clip_fraction', math.nan):.3f}", f"|g| {m.get('grad_norm', math.nan):.3g}",
-              f"{m.get('time_epoch', 0.0):.1f}s"]
-    return " | ".join(parts)
+# (label, metric, format) of the epoch summary line
+SUMMARY = [("kept", "kept_fraction", ".2f"),
+           ("kl", "kl", ".2e"),
+           ("clip", "clip_fraction", ".3f")]

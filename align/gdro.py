@@ -23,27 +23,21 @@ resumed run, or P ranks, train exactly what one uninterrupted process would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .checkpoint import prepare_output_dir
-from .config import doc, register_config, save_config
-from .data import PromptConfig, derive_seed, load_prompt_items
-from .ema import EMA
-from .flow_grpo import EMAConfig, OptimizerConfig, _export_final, _restore, _reward_name, _save, evaluate
+from .config import doc, register_config
+from .data import PromptConfig, derive_seed
 from .losses import flow_matching_loss, gdro_implicit_reward, gdro_loss
-from .metrics import MetricsLogger, TrainingProgress, write_summary
 from .rollout_store import RolloutStore
-from .runtime import (WEIGHT_DTYPES, LoraSettings, configure_transformer, load_flow_model, make_accelerator,
-                      reference_policy, setup_trainable, transformer_as)
+from .runtime import LoraSettings, reference_policy, transformer_as
+from .trainer import (EMAConfig, OptimizerConfig, RunSettings, WeightedMeans, make_ema, optimizer_step, run_epochs,
+                      setup_run)
 
 __all__ = ["GDROConfig", "GDROSamplerConfig", "TrainingGroups", "forward_noise", "group_timesteps_and_noise",
            "load_training_groups", "gdro_objective", "train"]
@@ -76,7 +70,7 @@ class GDROSamplerConfig:
 
 @register_config("gdro")
 @dataclass
-class GDROConfig:
+class GDROConfig(RunSettings):
     """GDRO with LoRA (or a full fine-tune) on a rollout store. Defaults: the paper's GenEval setting."""
 
     model: str = doc("shapesworld", "The reference model the store was sampled from: 'shapesworld', 'toy:test', "
@@ -108,30 +102,17 @@ class GDROConfig:
     prompts: PromptConfig = doc(PromptConfig(), "Held-out prompts (the eval_* keys). Training prompts are the "
                                                 "store's; split and file are not used.")
     sampler: GDROSamplerConfig = doc(GDROSamplerConfig(), "Held-out evaluation sampling.")
-    seed: int = doc(0, "Seed of the group order, timesteps, noise and LoRA init.")
     output_dir: str = doc("runs/gdro", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
     checkpoint_every: int = doc(1, "Save a checkpoint every N epochs (and always at the end); 0 = end only.")
-    keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
     eval_every: int = doc(2, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
-    eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation (0 = none).")
-    resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
-    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
-                                 "fresh start into a folder holding checkpoints or metrics is refused.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights dtype on CUDA ('no' on a CPU).")
-    gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
-    attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA with the package).")
-    find_unused_parameters: bool = doc(False, "DDP find_unused_parameters.")
-    wandb_project: str | None = doc(None, "Also log to this Weights & Biases project (needs wandb).")
-    quiet: bool = doc(False, "No per-epoch summary line on the console.")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.tau < 0 or self.beta <= 0 or self.gamma < 0:
             raise ValueError("need tau >= 0, beta > 0 and gamma >= 0")
         for name in ("groups_per_step", "micro_batch_groups", "num_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
 
 
 # ============================================================================= data
@@ -243,28 +224,6 @@ def gdro_objective(model, policy, reference, x0: Tensor, rewards: Tensor, cond, 
 # ============================================================================= the loop
 
 
-class _Stats:
-    """Group-weighted means of the step metrics over an epoch and all ranks."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weight = 0.0
-
-    def add(self, metrics: dict[str, Tensor], weight: float) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
-        self.weight += weight
-
-    def reduce(self, accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] for k in keys] + [self.weight], dtype=torch.float64,
-                              device=accelerator.device)
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values, "sum")
-        *sums, weight = values.tolist()
-        return {k: s / weight if weight else math.nan for k, s in zip(keys, sums)}
-
-
 def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
     """Run GDRO on `cfg.store`; returns the last epoch's metrics (plus the final evaluation).
 
@@ -272,16 +231,6 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
     process and under `accelerate launch` (groups_per_step must divide by the rank count).
     """
     from rewards import build_reward
-
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.find_unused_parameters)
-    is_main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    if cfg.groups_per_step % P:
-        raise ValueError(f"groups_per_step={cfg.groups_per_step} must be a multiple of the {P} processes")
-    out_dir = Path(cfg.output_dir)
-    # before any loading: refuse (or clear, with overwrite) a previous run; None is a fresh start
-    checkpoint = prepare_output_dir(out_dir, cfg.resume, cfg.overwrite, is_main)
-    torch.manual_seed(cfg.seed)  # LoRA init; the loop's randomness has its own seeded generators
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
     # ---- offline data: whole groups of the rollout store
     store = RolloutStore(cfg.store)
@@ -292,120 +241,48 @@ def train(cfg: GDROConfig, model=None) -> dict[str, Any]:
     if store.manifest["config"]["model"] != cfg.model:
         warnings.warn(f"the store was sampled from {store.manifest['config']['model']!r} but the reference here "
                       f"is {cfg.model!r}", stacklevel=2)
-
-    # ---- model, reference, trainable parameters, optimizer
-    model = model if model is not None else load_flow_model(cfg.model, accelerator.device)
-    model.to(accelerator.device)
-    if data.latents.shape[2] != model.latent_shape()[0]:  # any resolution, but the model's latent channels
-        raise ValueError(f"store latents {tuple(data.latents.shape[2:])} do not fit the model's latent shape "
-                         f"{tuple(model.latent_shape())}")
-    trainable, reference = setup_trainable(model, cfg.lora, weight_dtype, frozen_reference=True)
-    configure_transformer(model, cfg.attention_backend, cfg.gradient_checkpointing)
-    cond = encode_prompts(model, data.prompts, cfg.sampler.batch_size)
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(trainable.values(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    policy, optimizer = accelerator.prepare(model.transformer, optimizer)
-    ema = EMA(trainable.items(), cfg.ema.decay, cfg.ema.update_interval) if cfg.ema.enabled else None
-    eval_weights = (lambda: ema.swapped()) if ema is not None and cfg.ema.use_for_eval else contextlib.nullcontext
-
-    # ---- evaluation, resume, logging
     rank_by = cfg.rank_by or store.reward_names[0]
     reward_fn = build_reward(cfg.eval_reward if cfg.eval_reward is not None else store.manifest["rewards"][rank_by])
-    monitors = {_reward_name(spec): build_reward(spec) for spec in cfg.monitor_rewards}
-    eval_items = load_prompt_items(cfg.prompts.eval_split, cfg.prompts.eval_file,
-                                   cfg.prompts.eval_per_tag)[: cfg.prompts.eval_num_prompts]
-    start_epoch, global_step = 0, 0
-    if checkpoint is not None:
-        start_epoch, global_step = _restore(checkpoint, accelerator, trainable, optimizer, ema)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        if checkpoint is not None and not cfg.quiet:
-            print(f"resuming from {checkpoint} (epoch {start_epoch} of {cfg.num_epochs})")
-    title = f"GDRO on {cfg.model} ({store.group_size} per group, ranked by {rank_by})"
-    logger = MetricsLogger(out_dir, keep_through_epoch=start_epoch - 1 if checkpoint is not None else None,
-                           title=title, enabled=is_main, wandb_project=cfg.wandb_project,
-                           run_config=dataclasses.asdict(cfg))
+
+    # ---- model, reference, trainable parameters, optimizer, prompts of the store
+    run = setup_run(cfg, model, reward_fn, frozen_reference=True)
+    if data.latents.shape[2] != run.model.latent_shape()[0]:  # any resolution, but the model's latent channels
+        raise ValueError(f"store latents {tuple(data.latents.shape[2:])} do not fit the model's latent shape "
+                         f"{tuple(run.model.latent_shape())}")
+    P, rank = run.num_processes, run.accelerator.process_index
+    if cfg.groups_per_step % P:
+        raise ValueError(f"groups_per_step={cfg.groups_per_step} must be a multiple of the {P} processes")
+    cond = encode_prompts(run.model, data.prompts, cfg.sampler.batch_size)
+    ema = make_ema(run)
     steps_per_epoch = len(data) // cfg.groups_per_step  # the remainder waits for another epoch's order
-    metrics: dict[str, Any] = {}
-    last_saved = start_epoch - 1 if checkpoint is not None else None
-    completed, dirty = start_epoch - 1, False
 
-    try:
-        with TrainingProgress(cfg.num_epochs, start_epoch, enabled=is_main, quiet=cfg.quiet) as progress:
-            for epoch in range(start_epoch, cfg.num_epochs):
-                epoch_start = time.perf_counter()
-                metrics = dict(data_info)
+    def epoch_fn(epoch: int, global_step: int) -> tuple[dict[str, Any], int]:
+        # ---- optimizer steps over the groups in a seeded order: accumulate -> clip -> step -> EMA
+        run.phase(f"epoch {epoch + 1}: training")
+        start = time.perf_counter()
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, _ORDER)))
+        stats, grad_norms = WeightedMeans(), []
+        for step in range(steps_per_epoch):
+            mine = order[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step][rank::P]
+            micro = torch.split(mine, cfg.micro_batch_groups)
+            for index, groups in enumerate(micro):
+                last = index == len(micro) - 1  # DDP all-reduces on the last backward only
+                with contextlib.nullcontext() if last else run.accelerator.no_sync(run.policy):
+                    loss, step_metrics = _micro_batch_loss(run.model, run.policy, run.reference, data, cond, groups,
+                                                           cfg, epoch)
+                    run.accelerator.backward(loss * (len(groups) / len(mine)))
+                stats.add(step_metrics, len(groups))
+            grad_norms.append(optimizer_step(run))
+            global_step += 1
+            if ema is not None:
+                ema.update(global_step)
+        metrics = {**data_info, "time_train": time.perf_counter() - start, **stats.reduce(run.accelerator)}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+        metrics["optimizer_steps"] = len(grad_norms)
+        return metrics, global_step
 
-                # ---- held-out evaluation of the weights after `epoch` epochs
-                if cfg.eval_every and epoch % cfg.eval_every == 0:
-                    progress.phase(f"epoch {epoch + 1}: evaluating")
-                    with eval_weights():
-                        metrics.update(evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
-                                                grid_path=out_dir / "samples" / f"epoch_{epoch:04d}.png"))
-                    metrics["time_eval"] = time.perf_counter() - epoch_start
-
-                # ---- optimizer steps over the groups in a seeded order: accumulate -> clip -> step -> EMA
-                progress.phase(f"epoch {epoch + 1}: training")
-                cpu_start = time.process_time()  # training cost, evaluation excluded
-                train_start = time.perf_counter()
-                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
-                    derive_seed(cfg.seed, epoch, _ORDER)))
-                stats, grad_norms = _Stats(), []
-                for step in range(steps_per_epoch):
-                    mine = order[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step][rank::P]
-                    micro = torch.split(mine, cfg.micro_batch_groups)
-                    for index, groups in enumerate(micro):
-                        last = index == len(micro) - 1  # DDP all-reduces on the last backward only
-                        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
-                            loss, step_metrics = _micro_batch_loss(model, policy, reference, data, cond, groups,
-                                                                   cfg, epoch)
-                            accelerator.backward(loss * (len(groups) / len(mine)))
-                        stats.add(step_metrics, len(groups))
-                    max_norm = o.max_grad_norm if o.max_grad_norm > 0 else math.inf
-                    grad_norms.append(float(accelerator.clip_grad_norm_(list(trainable.values()), max_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step, dirty = global_step + 1, True
-                    if ema is not None:
-                        ema.update(global_step)
-                metrics["time_train"] = time.perf_counter() - train_start
-                metrics["cpu_train"] = time.process_time() - cpu_start  # this process, all its threads
-
-                # ---- log (over all ranks)
-                metrics.update(stats.reduce(accelerator))
-                metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
-                metrics["optimizer_steps"], metrics["global_step"] = len(grad_norms), global_step
-                metrics["time_epoch"] = time.perf_counter() - epoch_start
-                logger.log(epoch, metrics)
-                progress.advance(epoch, _summary(metrics))
-                completed, dirty = epoch, False
-
-                # ---- checkpoint at intervals and after the last epoch
-                if epoch == cfg.num_epochs - 1 or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
-                    _save(accelerator, model, cfg, epoch, global_step, trainable, optimizer, ema)
-                    last_saved = epoch
-    except KeyboardInterrupt:
-        # as in flow_grpo: save at exit only if the weights are those of the last finished epoch
-        if P == 1 and not dirty and completed >= 0 and completed != last_saved:
-            _save(accelerator, model, cfg, completed, global_step, trainable, optimizer, ema)
-            print(f"interrupted: saved the checkpoint of epoch {completed}", flush=True)
-        raise
-
-    # ---- after training: final held-out evaluation and export
-    if cfg.eval_every and start_epoch < cfg.num_epochs:
-        with eval_weights():
-            final = evaluate(model, reward_fn, eval_items, cfg, accelerator, monitors,
-                             grid_path=out_dir / "samples" / f"epoch_{cfg.num_epochs:04d}.png")
-        metrics.update({f"final_{k}": v for k, v in final.items()})
-        logger.log(cfg.num_epochs, final)
-    if is_main:
-        _export_final(model, cfg, ema)
-        logger.close()
-        write_summary(logger.rows, out_dir / "summary.md", title, echo=not cfg.quiet)
-    accelerator.wait_for_everyone()
-    metrics["last_checkpoint_epoch"] = last_saved
-    return metrics
+    title = f"GDRO on {cfg.model} ({store.group_size} per group, ranked by {rank_by})"
+    return run_epochs(run, epoch_fn, title=title, summary=SUMMARY, ema=ema)
 
 
 def _micro_batch_loss(model, policy, reference, data: TrainingGroups, cond, groups: Tensor, cfg: GDROConfig,
@@ -421,10 +298,8 @@ def _micro_batch_loss(model, policy, reference, data: TrainingGroups, cond, grou
                           noise.to(device), cfg.beta, cfg.tau, cfg.gamma)
 
 
-def _summary(m: dict[str, Any]) -> str:
-    parts = [f"loss {m.get('loss', math.nan):.3f}", f"pl {m.get('gdro_loss', math.nan):.3f}",
-             f"reg {m.get('reg_loss', math.nan):.3f}", f"pair acc {m.get('pairwise_accuracy', math.nan):.2f}"]
-    if "eval_reward_mean" in m:
-        parts.append(f"held-out {m['eval_reward_mean']:.3f}")
-    parts += [f"|g| {m.get('grad_norm', math.nan):.3g}", f"{m.get('time_epoch', 0.0):.1f}s"]
-    return " | ".join(parts)
+# (label, metric, format) of the epoch summary line
+SUMMARY = [("loss", "loss", ".3f"),
+           ("pl", "gdro_loss", ".3f"),
+           ("reg", "reg_loss", ".3f"),
+           ("pair acc", "pairwise_accuracy", ".2f")]

@@ -22,7 +22,6 @@ does not pull the model toward its own outputs (the drift of plain self-training
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,13 +31,11 @@ from torch import Tensor
 from samplers.schedules import flow_sigmas
 
 from .config import doc, register_config
-from .data import PromptConfig, SampleBatch, derive_seed
 from .ema import EMA, DecaySchedule
 from .losses import crd_target, nft_loss, velocity_kl
-from .runtime import LoraSettings, reference_policy, transformer_as
-from .trainer import (EMAConfig, ForwardSamplerConfig, OptimizerConfig, Run, advantage_targets, collect_samples,
-                      StateBundle, optimizer_step, plan_sample_updates, run_epochs, setup_run, training_noise,
-                      training_times)
+from .runtime import reference_policy, transformer_as
+from .trainer import (EMAConfig, ForwardSamplerConfig, OnlineSettings, Run, StateBundle,
+                      advantage_targets, collect_samples, fit_samples, make_ema, run_epochs, setup_run, training_times)
 
 __all__ = ["NFTConfig", "train", "nft_step_loss"]
 
@@ -47,20 +44,9 @@ _ORDER, _TIMES, _TRAIN_NOISE = 4, 6, 7  # derive_seed purposes
 
 @register_config("nft")
 @dataclass
-class NFTConfig:
+class NFTConfig(OnlineSettings):
     """DiffusionNFT. Defaults are the reference's SD3.5-M GenEval recipe (config/nft.py: sd3_geneval)."""
 
-    model: str = doc("shapesworld", "'shapesworld' (built-in), 'toy:test' (tiny random model), a diffusers folder "
-                                    "or a hub id.")
-    lora: LoraSettings = doc(LoraSettings(), "LoRA settings (rank 0 = full fine-tune; the reference is then a "
-                                             "frozen copy and the old policy a full fp32 copy).")
-    reward: str | dict = doc("shapes_geneval", "Reward spec for rewards.build_reward.")
-    prompts: PromptConfig = doc(PromptConfig(), "Training and held-out prompts.")
-    monitor_rewards: list[str | dict] = doc(["shapes_quality"], "Rewards scored on held-out samples and never "
-                                                                "optimised (eval_<name>_mean).")
-    group_size: int = doc(24, "Samples per prompt K (paper: 24).")
-    groups_per_epoch: int = doc(48, "Prompt groups per epoch, over all ranks (paper: 48).")
-    num_epochs: int = doc(100, "Epochs to train (a resumed run continues up to this number).")
     sampler: ForwardSamplerConfig = doc(ForwardSamplerConfig(guidance=1.0), "Rollout and evaluation sampling "
                                         "(paper: CFG-free deterministic rollouts, guidance 1; the training "
                                         "forward uses the same guidance).")
@@ -78,52 +64,25 @@ class NFTConfig:
     num_train_timesteps: int | None = doc(None, "Times per sample and update. schedule: null = every candidate "
                                                 "(paper), else one per stratum; stratified: null = 10.")
     timestep_shift: float = doc(3.0, "stratified: shift s of t' = s t / (1 + (s - 1) t).")
-    adv_std: Literal["global", "group", "none"] = doc("global", "Advantage std: batch ('global', paper), per "
-                                                                "prompt ('group') or none; A is then clipped.")
-    adv_eps: float = doc(1e-4, "Added to the advantage std.")
-    adv_clip: float = doc(5.0, "Clip A to +-adv_clip; r = A / (2 adv_clip) + 1/2 in [0, 1].")
     old_decay: DecaySchedule = doc(DecaySchedule(0.0, 0.001, 0, 0.5), "Decay of the old policy after each "
                                    "epoch: min(0.001 s, 0.5) (paper decay_type 1).")
-    optimizer: OptimizerConfig = doc(OptimizerConfig(), "AdamW settings and gradient clipping (paper lr 3e-4).")
-    updates_per_epoch: int = doc(1, "Optimizer steps per pass over the epoch's samples (paper GenEval: 1).")
-    inner_epochs: int = doc(1, "Passes over the epoch's samples.")
     micro_batch_size: int = doc(8, "Samples per training forward on each rank (x the training times).")
     ema: EMAConfig = doc(EMAConfig(decay=0.9, update_interval=1), "EMA of the trainable weights for evaluation "
                                                                   "(paper: 0.9 every step).")
-    seed: int = doc(0, "Seed of everything random.")
     output_dir: str = doc("runs/nft", "Run folder: config.yaml, metrics.csv, checkpoints/, final/.")
-    checkpoint_every: int = doc(10, "Save a checkpoint every N epochs (and at the end); 0 = end only.")
-    keep_checkpoints: int = doc(2, "Keep the newest N checkpoints (0 = keep all).")
-    eval_grid_size: int = doc(24, "Held-out samples saved as a captioned grid per evaluation; 0 = none.")
-    eval_every: int = doc(10, "Evaluate held-out prompts before epochs 0, N, 2N... and after training; 0 = never.")
-    resume: bool = doc(False, "Continue from the newest checkpoint in output_dir (if any).")
-    overwrite: bool = doc(False, "Delete a previous run in output_dir and start again; without it (or resume) a "
-                                 "fresh start into a folder holding checkpoints or metrics is refused.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = doc("no", "Frozen weights' dtype on CUDA ('no' on CPU).")
-    gradient_checkpointing: bool = doc(False, "Recompute transformer activations in backward (saves memory).")
-    attention_backend: Literal["sdpa", "xformers"] = doc("sdpa", "'sdpa' or 'xformers' (CUDA only).")
-    find_unused_parameters: bool = doc(False, "DDP find_unused_parameters.")
-    wandb_project: str | None = doc(None, "Also log to this Weights & Biases project.")
-    quiet: bool = doc(False, "No per-epoch summary line on the console.")
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages compare the samples of a group)")
-        for name in ("groups_per_epoch", "num_epochs", "updates_per_epoch", "inner_epochs", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
-            raise ValueError("num_train_timesteps must be >= 1 (or null)")
-        if self.beta <= 0 or self.loss_scale <= 0 or self.adv_clip <= 0 or self.timestep_shift <= 0:
-            raise ValueError("beta, loss_scale, adv_clip and timestep_shift must be > 0")
+        super().__post_init__()
+        if self.micro_batch_size < 1 or (self.num_train_timesteps is not None and self.num_train_timesteps < 1):
+            raise ValueError("micro_batch_size and num_train_timesteps must be >= 1 (num_train_timesteps may be null)")
+        if self.beta <= 0 or self.loss_scale <= 0 or self.timestep_shift <= 0:
+            raise ValueError("beta, loss_scale and timestep_shift must be > 0")
         if self.kl_beta < 0:
             raise ValueError("kl_beta must be >= 0")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError("timestep_fraction must be in (0, 1]")
         if self.train_timesteps == "schedule" and int(self.sampler.num_steps * self.timestep_fraction) < 1:
             raise ValueError("int(sampler.num_steps * timestep_fraction) must be >= 1")
-        if self.checkpoint_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError("checkpoint_every, eval_every and keep_checkpoints must be >= 0")
 
 
 def nft_schedule(cfg: NFTConfig) -> Tensor | None:
@@ -170,8 +129,7 @@ def train(cfg: NFTConfig, model=None, reward=None) -> dict[str, Any]:
     build `cfg.reward`). Works on one process and under `accelerate launch`."""
     run = setup_run(cfg, model, reward, frozen_reference=bool(cfg.kl_beta))
     old = EMA(run.trainable.items(), decay=0.0, warmup=False)  # the old policy, starts at the initial weights
-    ema = EMA(run.trainable.items(), cfg.ema.decay, cfg.ema.update_interval) if cfg.ema.enabled else None
-    state = StateBundle(old=old, ema=ema)
+    ema = make_ema(run)
     schedule = nft_schedule(cfg)
     count = cfg.num_train_timesteps if schedule is not None or cfg.num_train_timesteps else 10
     P, rank = run.num_processes, run.accelerator.process_index
@@ -183,48 +141,22 @@ def train(cfg: NFTConfig, model=None, reward=None) -> dict[str, Any]:
             samples = collect_samples(run.model, run.reward_fn, batch, cfg.sampler, cfg.seed, epoch,
                                       share_noise=cfg.share_initial_noise)
         advantages, metrics = advantage_targets(cfg, samples.rewards, samples.extras, batch, run.accelerator)
-        r = crd_target(advantages, clip=cfg.adv_clip)  # [n] in [0, 1]
-        sums, weight, norms = {}, 0.0, []
-        for update in plan_sample_updates(cfg, batch, epoch, P, _ORDER):
-            passes_left = len(update.micro_batches)
-            for mb in update.micro_batches:
-                index = torch.tensor(mb)
-                times = training_times(count, schedule, cfg.timestep_shift, cfg.seed, batch, mb, epoch, update.inner,
-                                       _TIMES)  # [k, b]
-                noise = training_noise(cfg.seed, batch, mb, epoch, update.inner, times.shape[0],
-                                       samples.latents.shape[1:], _TRAIN_NOISE)  # [k, b, *latent]
-                passes_left -= 1
-                with contextlib.nullcontext() if passes_left == 0 else run.accelerator.no_sync(run.policy):
-                    loss, step_metrics = nft_step_loss(run, old, samples.latents[index].to(run.device),
-                                                       samples.cond.index(index.to(samples.latents.device)),
-                                                       r[index].to(run.device), times.to(run.device),
-                                                       noise.to(run.device))
-                    run.accelerator.backward(loss * (len(mb) * update.scale))
-                w = len(mb) if update.scale > 0 else 0.0
-                for key, value in step_metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
-                weight += w
-            norms.append(optimizer_step(run))
-            global_step += 1
-            if ema is not None:
-                ema.update(global_step)
+        run.phase(f"epoch {epoch + 1}: training")
+
+        def times(mb: list[int], inner: int) -> Tensor:
+            return training_times(count, schedule, cfg.timestep_shift, cfg.seed, batch, mb, epoch, inner, _TIMES)
+
+        def step_loss(x0, cond, r, t, noise):
+            return nft_step_loss(run, old, x0, cond, r, t, noise)
+
+        fitted, global_step = fit_samples(run, samples, batch, epoch, global_step, times, step_loss,
+                                          crd_target(advantages, clip=cfg.adv_clip), ema)  # r in [0, 1]
         old.decay = cfg.old_decay(global_step)
         old.update(global_step)  # interval 1: old <- d old + (1 - d) theta
-        metrics.update({k: v / weight if weight else math.nan for k, v in sums.items()})
-        metrics.update(old_decay=old.decay, grad_norm=sum(norms) / max(len(norms), 1), optimizer_steps=len(norms))
-        return metrics, global_step
+        return {**metrics, **fitted, "old_decay": old.decay}, global_step
 
-    eval_weights = (lambda: ema.swapped()) if ema is not None and cfg.ema.use_for_eval else contextlib.nullcontext
-    return run_epochs(run, epoch_fn, title=f"nft on {cfg.model}", summary=_summary, state=state,
-                      eval_weights=eval_weights, export_ema=ema)
+    return run_epochs(run, epoch_fn, title=f"nft on {cfg.model}", summary=SUMMARY, ema=ema,
+                      state=StateBundle(old=old, ema=ema))
 
 
-def _summary(m: dict[str, Any]) -> str:
-    parts = [f"reward {m.get('reward_mean', math.nan):.3f}±{m.get('reward_std', math.nan):.3f}"]
-    if "reward_strict" in m:
-        parts.append(f"strict {m['reward_strict']:.3f}")
-    if "eval_reward_mean" in m:
-        parts.append(f"held-out {m['eval_reward_mean']:.3f}")
-    parts += [f"nft {m.get('nft_loss', math.nan):.3g}", f"kl {m.get('kl', math.nan):.2e}",
-              f"|g| {m.get('grad_norm', math.nan):.3g}", f"{m.get('time_epoch', 0.0):.1f}s"]
-    return " | ".join(parts)
+SUMMARY = [("nft", "nft_loss", ".3g"), ("kl", "kl", ".2e")]  # (label, metric, format) of the epoch line

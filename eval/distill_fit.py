@@ -35,7 +35,8 @@ def fit_guided_drift(cfg, *, epochs: int = 2, steps: int = 300, lr: float = 1e-4
     lora.rank 0, as `align train` does) and OUT/distill_fit.json (the result)."""
     from align.data import PromptDataset, load_prompt_items
     from align.euphonium import build_process_reward, distillation_kl
-    from align.flow_grpo import collect_rollouts, epoch_step_schedule, evaluate, resolve_variant_defaults
+    from align.flow_grpo import collect_rollouts, epoch_step_schedule, resolve_variant_defaults
+    from align.trainer import evaluate
     from align.runtime import load_flow_model, make_accelerator, setup_trainable
     from rewards import build_reward
     from samplers.rollout import rescore_step

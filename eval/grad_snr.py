@@ -67,7 +67,7 @@ def ode_completion_values(model, cond, latents: torch.Tensor, sigmas: torch.Tens
 
 def main(argv=None) -> None:
     from align.data import derive_seed
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from align.runtime import LoraSettings, load_flow_model, setup_trainable
     from align.sample import shapesworld_prompts
     from rewards import build_reward
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     items = [item for item in items for _ in range(args.group_size)]
     prompts = [item["prompt"] for item in items]
     guidance, steps = 4.5, 10
-    cond = _encode(model, prompts, guidance, "")
+    cond = encode_prompts(model, prompts, guidance, "")
     sigmas = flow_sigmas(steps, shift=3.0)
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
     traj = rollout(model, cond, sigmas, step_types="flow_grpo_sde", step_params={"noise_level": 0.7},

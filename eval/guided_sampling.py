@@ -25,7 +25,7 @@ def guided_samples(flow, prompts: list[str], metadata: list, process_reward: str
     """Decoded samples [B, ...] of DanceGRPO's SDE whose `window` steps are guided with strength
     `lam` (0: the plain SDE), noise fixed by `seed` per batch so that lambdas are paired."""
     from align.euphonium import make_grad_fn
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from rewards.process_reward import DecodedProcessReward
     from samplers.rollout import rollout, window_step_types
     from samplers.schedules import flow_sigmas
@@ -36,7 +36,7 @@ def guided_samples(flow, prompts: list[str], metadata: list, process_reward: str
     out = []
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)
-        cond = _encode(flow, prompts[part], guidance, "")
+        cond = encode_prompts(flow, prompts[part], guidance, "")
         grad_fn = make_grad_fn(prm, prompts[part], metadata[part])
         params = {"dance_sde": {"eta": eta},
                   "guided": {"eta": eta, "guidance_lambda": lam, "normalize_grad": normalize_grad, "grad_fn": grad_fn}}

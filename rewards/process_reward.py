@@ -297,7 +297,7 @@ def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: s
     on the decoded Tweedie estimate x0_hat(x_t) (:func:`tweedie_estimate`), a training-free
     process reward, reported as "<name>:pooled" / "<name>:within_group" (prm None: only these).
     """
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from align.sample import shapesworld_prompts, shapesworld_video_prompts
     from align.runtime import load_flow_model
     from rewards import build_reward
@@ -311,7 +311,7 @@ def evaluate_prm(prm: LatentPRM | None, *, model: str = "shapesworld", reward: s
     items = [item for item in pick(split, prompts_per_tag) for _ in range(group_size)]
     prompts, metadata = [item["prompt"] for item in items], [item.get("meta") for item in items]
     sigmas = flow_sigmas(num_steps, shift=shift)
-    cond = _encode(flow, prompts, guidance, "")
+    cond = encode_prompts(flow, prompts, guidance, "")
     traj = rollout(flow, cond, sigmas, step_types="ode", guidance=guidance, batch_size=len(items),
                    generator=torch.Generator().manual_seed(seed))
     outcome = build_reward(reward)(flow.decode(traj.final), prompts, metadata=metadata).scores.float().numpy()

@@ -17,6 +17,13 @@ def sample_noise(seeds: Sequence[int], latent_shape: Sequence[int], device="cpu"
     return torch.stack(noise).to(device)
 
 
+def encode_prompts(model, prompts: Sequence[str], guidance: float, negative_prompt: str = ""):
+    """Conditioning of n prompts, each distinct prompt encoded once (with negatives if guidance > 1)."""
+    unique = list(dict.fromkeys(prompts))
+    cond = model.encode_prompt(unique, negative_prompt=negative_prompt if guidance > 1 else None)
+    return cond.index(torch.tensor([unique.index(p) for p in prompts], device=model.device))
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, num_steps: int | None = None,
              guidance: float | None = None, shift: float | None = None, sampler: str = "ode",

@@ -99,7 +99,7 @@ def test_ode_completion_values_are_the_scores_of_deterministic_completions():
     from x_k (from x_0 it is the ODE sampler's own sample)."""
     import torch
 
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from eval.grad_snr import ode_completion_values
     from samplers.models.shapesworld import toy_components
     from samplers.rollout import rollout
@@ -107,7 +107,7 @@ def test_ode_completion_values_are_the_scores_of_deterministic_completions():
 
     model = toy_components("test", seed=0).eval().requires_grad_(False)
     prompts = ["a photo of a red circle", "a photo of two squares"]
-    cond = _encode(model, prompts, 3.0, "")
+    cond = encode_prompts(model, prompts, 3.0, "")
     sigmas = flow_sigmas(4, shift=3.0)
     traj = rollout(model, cond, sigmas, step_types="flow_grpo_sde", step_params={"noise_level": 0.7},
                    guidance=3.0, batch_size=2, generator=torch.Generator().manual_seed(0))

@@ -121,7 +121,7 @@ def test_evaluation_on_ode_trajectories_runs_end_to_end():
 def test_tweedie_reference_is_the_outcome_at_the_end_and_a_one_step_estimate_before():
     """The training-free process reward: the reward of the decoded Tweedie estimate. At the final
     state it is the outcome itself (Spearman 1); before, it scores x_t - sigma v(x_t)."""
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from align.runtime import load_flow_model
     from rewards.process_reward import tweedie_estimate
 
@@ -133,7 +133,7 @@ def test_tweedie_reference_is_the_outcome_at_the_end_and_a_one_step_estimate_bef
     assert math.isfinite(rows[0]["shapes_saturation:pooled"])
 
     flow = load_flow_model("toy:test")
-    cond = _encode(flow, ["a circle", "a square"], 2.0, "")
+    cond = encode_prompts(flow, ["a circle", "a square"], 2.0, "")
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor(0.6)
     expected = x - sigma * flow.velocity(x, sigma, cond, guidance=2.0)
@@ -149,14 +149,14 @@ def prompt_vectors_dim() -> int:
 def test_decoded_process_reward_is_the_reward_of_the_decoded_one_step_estimate():
     """r_p(x_t) = R(decode(x_t - sigma v)) with v held fixed: its value is that, and its gradient is
     the directional derivative of that function (finite differences along the gradient)."""
-    from align.flow_grpo import _encode
+    from samplers.generate import encode_prompts
     from align.runtime import load_flow_model
     from rewards import build_reward
     from rewards.process_reward import DecodedProcessReward
 
     flow = load_flow_model("toy:test")
     prompts = ["a photo of a red circle", "a photo of a blue square"]
-    cond = _encode(flow, prompts, 2.0, "")
+    cond = encode_prompts(flow, prompts, 2.0, "")
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.full((2,), 0.6)
     with torch.no_grad():
