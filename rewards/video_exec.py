@@ -42,7 +42,7 @@ from rewards.base import VIDEO, Reward, RewardOutput, register_reward
 from rewards.token_pruning import PruningConfig, prune_visual_tokens, qwen_video_patches, sequence_keep_mask, \
     video_token_keep
 from rewards.video_io import read_video
-from rewards.vlm import QWEN_SPECIALS, LocalVLM, _first_token_ids, byte_tokenizer
+from rewards.vlm import QWEN_SPECIALS, LocalVLM, _first_token_ids, byte_tokenizer, logits_at
 from samplers.progress import track
 
 __all__ = ["VideoExecJudge", "tiny_video_vlm", "train_video_judge", "EXEC_TEMPLATE", "SHIPPED_JUDGE_DIR",
@@ -213,7 +213,7 @@ def forward_logits(model, batch: VideoBatch, positions: Tensor) -> Tensor:
     """Logits [B, K, V] predicting the tokens AFTER full-sequence positions [B, K], with pruning."""
     inputs = {k: v for k, v in batch.inputs.items() if k != "labels_full"}
     with prune_visual_tokens(model, batch.keep):
-        return model(**inputs, logits_to_keep=batch.pruned_positions(positions)).logits.float()
+        return logits_at(model, inputs, batch.pruned_positions(positions))
 
 
 # ----------------------------------------------------------------------------- the reward

@@ -53,7 +53,10 @@ def train_until(config: str, overrides: list[str], seed: int, run_dir: Path, cpu
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / "train.log", "a")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a benchmark started in the background (nohup ... &) has SIGINT ignored, and children inherit that:
+    # restore it so that stopping a run at the budget is a Ctrl-C (the trainer saves and exits)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
 
 
 def spent(run_dir: Path) -> float:
