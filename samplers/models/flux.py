@@ -28,7 +28,8 @@ image comes in through the shared path (samplers/models/image_cond.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,6 +54,17 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     b, _, channels = tokens.shape
     x = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, channels // 4, height, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_ids(rows: int, cols: int, index: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return latent_position_ids(rows, cols, index, device, dtype)
+
+
+def cached_position_ids(rows: int, cols: int, index: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """latent_position_ids built once per shape and device (read-only: the transformer never writes
+    into its ids), so `velocity` adds no tensor construction per step."""
+    return _cached_ids(rows, cols, index, str(torch.device(device or "cpu")), dtype)
 
 
 def latent_position_ids(rows: int, cols: int, index: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -179,11 +191,11 @@ class FluxAdapter(PipelineAdapter):
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(b)
         tokens = pack_latents(latents)
         n = tokens.shape[1]
-        img_ids = latent_position_ids(h // 2, w // 2, device=latents.device)
+        img_ids = cached_position_ids(h // 2, w // 2, device=latents.device)
         if cond.image_latents is not None:
             ref = cond.image_latents
             tokens = torch.cat([tokens, pack_latents(ref.to(tokens.dtype))], dim=1)
-            img_ids = torch.cat([img_ids, latent_position_ids(ref.shape[2] // 2, ref.shape[3] // 2, index=1,
+            img_ids = torch.cat([img_ids, cached_position_ids(ref.shape[2] // 2, ref.shape[3] // 2, index=1,
                                                               device=latents.device)])
         g = None
         if self.transformer.config.guidance_embeds:
