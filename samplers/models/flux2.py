@@ -29,6 +29,7 @@ upsampling (a generation by the VL model) is not part of the adapter.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,7 +43,13 @@ from .pipeline_adapter import PipelineAdapter, as_prompt_list, negatives_for
 
 def position_ids(rows: int, cols: int, length: int = 1, device=None) -> torch.Tensor:
     """[rows * cols * length, 4] (t, h, w, l) ids of FLUX.2 tokens: latents (0, h, w, 0) for
-    rows x cols, text (0, 0, 0, l) for rows = cols = 1 and `length` tokens."""
+    rows x cols, text (0, 0, 0, l) for rows = cols = 1 and `length` tokens. Built once per shape
+    and device (read-only; the transformer never writes into its ids)."""
+    return _position_ids(rows, cols, length, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=64)
+def _position_ids(rows: int, cols: int, length: int, device: str) -> torch.Tensor:
     t, h, w, l = torch.arange(1), torch.arange(rows), torch.arange(cols), torch.arange(length)
     return torch.cartesian_prod(t, h, w, l).to(device)
 
