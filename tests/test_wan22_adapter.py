@@ -179,3 +179,18 @@ def test_load_model_recognises_an_i2v_folder(i2v, tmp_path):
     i2v.save_pretrained(tmp_path / "i2v")
     loaded = load_model(tmp_path / "i2v")
     assert loaded.image_channels == 6 and loaded.transformer_2 is not None
+
+
+def test_experts_may_run_in_different_dtypes(wan22):
+    """Trainers cast `model.transformer` to the mixed-precision dtype; the low-noise expert keeps its
+    own, and each gets its inputs in its dtype."""
+    model = copy.deepcopy(wan22)
+    model.transformer.to(torch.bfloat16)
+    cond = model.encode_prompt(PROMPTS)
+    x = torch.randn((2, *model.latent_shape()), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        v = model.velocity(x, torch.tensor([0.95, 0.3]), cond, 4.0)
+        ref = wan22.velocity(x, torch.tensor([0.95, 0.3]), cond, 4.0)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v[1], ref[1], atol=1e-5, rtol=1e-5)  # the fp32 low-noise expert: unchanged
+    torch.testing.assert_close(v[0], ref[0], atol=0.1, rtol=0.1)  # the bf16 high-noise one: close

@@ -341,8 +341,11 @@ class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
         if condition is not None:  # image-to-video: [latents, mask + condition latents] on channels
             latents = torch.cat([latents, condition.to(latents.dtype)], 1)
         # timesteps stay fp32: Wan keeps its time embedder in fp32 (_keep_in_fp32_modules)
-        out = (module or self.transformer)(hidden_states=latents.to(self.dtype), timestep=sigma * 1000,
-                                           encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
+        module = module or self.transformer
+        # each expert in its own dtype (a trainer may cast only `transformer` to bf16)
+        dtype = self.dtype if module is self.transformer else next(module.parameters()).dtype
+        out = module(hidden_states=latents.to(dtype), timestep=sigma * 1000, encoder_hidden_states=embeds.to(dtype),
+                     return_dict=False)[0]
         return out.float()
 
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: WanCond,
