@@ -21,6 +21,7 @@ LAZY_FAMILIES = {
     "FluxKontextPipeline": "flux:FluxKontextAdapter",
     "QwenImagePipeline": "qwen_image:QwenImageAdapter",
     "QwenImageEditPipeline": "qwen_image:QwenImageEditAdapter",
+    "QwenImageEditPlusPipeline": "qwen_image:QwenImageEditPlusAdapter",
     "ZImagePipeline": "z_image:ZImageAdapter",
     "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoAdapter",
     "Flux2Pipeline": "flux2:Flux2Adapter",

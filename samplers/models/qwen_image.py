@@ -185,7 +185,11 @@ class QwenImageAdapter(PipelineAdapter):
     def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
         """Images in [0, 1], [B, 3, H, W] -> normalised latents [B, C, h, w] (mode unless `sample`),
         (z - mean) / std as the edit pipeline's `_encode_vae_image`."""
-        dist = self.vae.encode((images * 2 - 1)[:, :, None].to(self.vae.dtype)).latent_dist
+        return self._vae_latents(images * 2 - 1, sample, generator)
+
+    def _vae_latents(self, pixels: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> normalised latents [B, C, h, w]."""
+        dist = self.vae.encode(pixels[:, :, None].to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         mean, inv_std = self._stats(z)
         std = torch.tensor(self.vae.config.latents_std).view(inv_std.shape).to(z.device, z.dtype)
@@ -237,6 +241,46 @@ class QwenImageEditAdapter(ImageConditioning, QwenImageAdapter):
             if negative_prompt is not None:
                 neg = self._encode(negatives_for(negative_prompt, len(prompts)), pil)
             image_latents = self.encode(pixels.to(self.device))
+        return QwenImageCond(embeds, mask, *neg, image_latents=image_latents)
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    """Qwen-Image-Edit-2509 / Plus (`QwenImageEditPlusPipeline`): the input image reaches the VL
+    encoder at the pipeline's 384 x 384 area ("Picture 1: ..." before the prompt) and the VAE at
+    its 1024 x 1024 area, each resized by the pipeline's own image processor (Lanczos on the 8-bit
+    image). One input image per prompt (the pipeline's several images per prompt are not covered).
+    """
+
+    family = "qwen_image_edit_plus"
+    pipeline_class_name = "QwenImageEditPlusPipeline"
+    base_defaults = {**QwenImageAdapter.base_defaults, "reference_area": 1024 * 1024, "condition_area": 384 * 384}
+
+    def encode_prompt(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      grad: bool = False, images: Any = None) -> QwenImageCond:
+        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+        prompts = as_prompt_list(prompts)
+        pil = [to_pil(image) for image in self.condition_images(prompts, images)]
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+        def area_size(image, area):
+            w, h = calculate_dimensions(area, image.size[0] / image.size[1])[:2]
+            return int(h), int(w)
+
+        vl_images = [processor.resize(im, *area_size(im, self.defaults["condition_area"])) for im in pil]
+        vae_pixels = [processor.preprocess(im, *area_size(im, self.defaults["reference_area"])) for im in pil]
+        if len({tuple(v.shape) for v in vae_pixels}) != 1:
+            raise ValueError("the input images of one batch must share an aspect ratio (one latent size)")
+        texts = ["Picture 1: <|vision_start|><|image_pad|><|vision_end|>" + p for p in prompts]
+        with torch.set_grad_enabled(grad):
+            embeds, mask = self._encode(texts, vl_images)
+            neg = (None, None)
+            if negative_prompt is not None:
+                negatives = ["Picture 1: <|vision_start|><|image_pad|><|vision_end|>" + n
+                             for n in negatives_for(negative_prompt, len(prompts))]
+                neg = self._encode(negatives, vl_images)
+            image_latents = self._vae_latents(torch.cat(vae_pixels).to(self.device))
         return QwenImageCond(embeds, mask, *neg, image_latents=image_latents)
 
 

@@ -174,13 +174,13 @@ def tiny_qwen_image(seed: int = 0):
                             max_sequence_length=512).eval().requires_grad_(False)
 
 
-def tiny_qwen_image_edit(seed: int = 0, reference_area: int = 1024 * 1024):
+def tiny_qwen_image_edit(seed: int = 0, reference_area: int = 1024 * 1024, plus: bool = False):
     """Qwen-Image-Edit at toy size: the Qwen-Image toy's transformer and VL encoder, a Qwen2-VL
     processor, and an 8x VAE (no channel growth) so the pipeline's 1024 x 1024 input image encodes
     in seconds; 32 px native output images (4x4 latents, 4 tokens)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    from .qwen_image import QwenImageEditAdapter
+    from .qwen_image import QwenImageEditAdapter, QwenImageEditPlusAdapter
 
     base = tiny_qwen_image(seed)
     torch.manual_seed(seed + 1)
@@ -194,7 +194,8 @@ def tiny_qwen_image_edit(seed: int = 0, reference_area: int = 1024 * 1024):
     components = dict(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                       processor=processor, transformer=base.transformer)
     defaults = {"num_steps": 4, "resolution": 32, "reference_area": reference_area}
-    return QwenImageEditAdapter(components, defaults=defaults, max_sequence_length=512).eval().requires_grad_(False)
+    cls = QwenImageEditPlusAdapter if plus else QwenImageEditAdapter
+    return cls(components, defaults=defaults, max_sequence_length=512).eval().requires_grad_(False)
 
 
 # a Qwen3-style chat template (one user turn; enable_thinking=False adds the empty think block)
