@@ -194,3 +194,15 @@ def test_experts_may_run_in_different_dtypes(wan22):
     assert v.dtype == torch.float32
     torch.testing.assert_close(v[1], ref[1], atol=1e-5, rtol=1e-5)  # the fp32 low-noise expert: unchanged
     torch.testing.assert_close(v[0], ref[0], atol=0.1, rtol=0.1)  # the bf16 high-noise one: close
+
+
+def test_ti2v_5b_folders_are_refused_clearly(wan22, tmp_path):
+    import json
+
+    from samplers.models import load_model
+
+    wan22.save_pretrained(tmp_path / "ti2v")
+    index = json.loads((tmp_path / "ti2v" / "model_index.json").read_text())
+    (tmp_path / "ti2v" / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    with pytest.raises(ValueError, match="expand_timesteps"):
+        load_model(tmp_path / "ti2v")

@@ -461,6 +461,9 @@ class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
         if (index.get("image_encoder") or [None])[0] is not None:
             raise ValueError(f"{root}: Wan image-to-video with a CLIP image encoder (Wan2.1-I2V) is not supported; "
                              "image-to-video checkpoints without one (Wan2.2-I2V) are")
+        if index.get("expand_timesteps"):
+            raise ValueError(f"{root}: Wan2.2 TI2V-5B (expand_timesteps: per-token timesteps) is not supported; "
+                             "Wan2.1, Wan2.2 A14B (two experts) and Wan2.2 I2V A14B are")
         boundary_ratio = index.get("boundary_ratio")
         has_expert_2 = (index.get("transformer_2") or [None])[0] is not None
         transformer_2 = (WanTransformer3DModel.from_pretrained(src, subfolder="transformer_2", **load)
