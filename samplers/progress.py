@@ -15,7 +15,7 @@ and one when it ends:
     for step in track(range(steps), "training"):       # the same, around a loop
         ...
 
-The line interval is `GENALIGN_PROGRESS_SECONDS` (default 15). This module sits low in the
+The line interval is `GENALIGN_PROGRESS_SECONDS` (default 10). This module sits low in the
 package layers (samplers, rewards, eval and align all use it) and imports rich lazily.
 """
 
@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, TypeVar
 __all__ = ["Progress", "track", "status", "interval_seconds", "format_duration"]
 
 INTERVAL_ENV = "GENALIGN_PROGRESS_SECONDS"
-DEFAULT_INTERVAL = 15.0
+DEFAULT_INTERVAL = 10.0
 T = TypeVar("T")
 
 _live: list["Progress"] = []  # open bars, innermost last: status() prints above a live rich bar
@@ -38,7 +38,7 @@ _lock = threading.Lock()
 
 
 def interval_seconds() -> float:
-    """Seconds between plain progress lines: $GENALIGN_PROGRESS_SECONDS, else 15."""
+    """Seconds between plain progress lines: $GENALIGN_PROGRESS_SECONDS, else 10."""
     try:
         return max(0.0, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)))
     except ValueError:
