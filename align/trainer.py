@@ -490,6 +490,7 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
 
     from eval.grid import save_caption_grid
     from samplers.generate import generate
+    from samplers.progress import track
 
     s = cfg.sampler
     repeats = cfg.prompts.eval_samples_per_prompt
@@ -498,7 +499,8 @@ def evaluate(model, reward_fn, items: list[dict], cfg, accelerator, monitors: di
     every = max(1, len(mine) // cfg.eval_grid_size) if cfg.eval_grid_size else 0
     results, grid_images, grid_index, gaps = [], [], [], []
     shapes_world = all(isinstance(item.get("meta"), dict) and "tag" in item["meta"] for _, item in mine)
-    for start in range(0, len(mine), s.batch_size):
+    for start in track(range(0, len(mine), s.batch_size), "held-out evaluation", unit="batches",
+                       enabled=accelerator.is_main_process, quiet=cfg.quiet):
         chunk = mine[start : start + s.batch_size]
         prompts = [item["prompt"] for _, item in chunk]
         metas = [item.get("meta") for _, item in chunk]
