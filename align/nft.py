@@ -131,7 +131,9 @@ def train(cfg: NFTConfig, model=None, reward=None) -> dict[str, Any]:
     old = EMA(run.trainable.items(), decay=0.0, warmup=False)  # the old policy, starts at the initial weights
     ema = make_ema(run)
     schedule = nft_schedule(cfg)
-    count = cfg.num_train_timesteps if schedule is not None or cfg.num_train_timesteps else 10
+    count = cfg.num_train_timesteps  # schedule: None = every candidate
+    if schedule is None and count is None:
+        count = 10  # stratified times' default
     P, rank = run.num_processes, run.accelerator.process_index
 
     def epoch_fn(epoch: int, global_step: int) -> tuple[dict[str, Any], int]:

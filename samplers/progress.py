@@ -45,6 +45,14 @@ def interval_seconds() -> float:
         return DEFAULT_INTERVAL
 
 
+def _singular(unit: str) -> str:
+    """'batches' -> 'batch', 'images' -> 'image', 'epochs' -> 'epoch'."""
+    for plural, singular in (("ches", "ch"), ("shes", "sh"), ("s", "")):
+        if unit.endswith(plural):
+            return unit[: -len(plural)] + singular
+    return unit
+
+
 def format_duration(seconds: float) -> str:
     """3725 -> '1:02:05', 65 -> '1:05'."""
     seconds = int(round(max(0.0, seconds)))
@@ -173,7 +181,7 @@ class Progress:
         if self.total:
             parts[0] += f" ({100 * self.completed / self.total:.0f}%)"
         if done > 0:
-            parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s per {self.unit.rstrip('s')}")
+            parts.append(f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s per {_singular(self.unit)}")
         parts.append(f"{'took' if final else 'elapsed'} {format_duration(elapsed)}")
         if not final and self.total is not None and done > 0:
             parts.append(f"eta {format_duration((self.total - self.completed) / rate)}")
