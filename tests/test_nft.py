@@ -96,7 +96,8 @@ def test_nft_trains_every_lora_weight_and_resumes_exactly(tmp_path):
             "model=toy:test", "reward=shapes_saturation", f"num_epochs={epochs}", "group_size=4", "groups_per_epoch=2", "sampler.batch_size=8",
             "sampler.num_steps=4", "sampler.eval_num_steps=2", "prompts.eval_per_tag=1", "eval_every=0",
             "checkpoint_every=1", "keep_checkpoints=0", "monitor_rewards=[]", "lora.rank=4", "lora.alpha=8",
-            "micro_batch_size=4", "quiet=true", f"output_dir={out}", f"resume={str(resume).lower()}"])
+            "micro_batch_size=4", "optimizer.lr=3e-4", "quiet=true", f"output_dir={out}",
+            f"resume={str(resume).lower()}"])
 
     from safetensors.torch import load_file
 
@@ -109,7 +110,9 @@ def test_nft_trains_every_lora_weight_and_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)  # resume replays the epoch exactly
-    still = [n for n in a if torch.equal(first[n], a[n])]
-    # every LoRA weight moved but the context queries of the last (context_pre_only) block, whose
-    # output SD3 discards: their LoRA B gets an exactly zero gradient
-    assert still == ["transformer_blocks.0.attn.add_q_proj.lora_B.default.weight"]
+    still = {n for n in a if torch.equal(first[n], a[n])}
+    # every LoRA weight moved but the context queries of the last (context_pre_only) block, whose output
+    # SD3 discards: their LoRA B gets an exactly zero gradient, and so does A while B stays 0 (A then
+    # moves only by weight decay, below float32 resolution)
+    query = "transformer_blocks.0.attn.add_q_proj.lora_{}.default.weight"
+    assert query.format("B") in still and still <= {query.format("A"), query.format("B")}
