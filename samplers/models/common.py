@@ -99,3 +99,22 @@ class LoraAdapterMixin:
                                                                     return_lora_metadata=True)
         self.transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name,
                                            metadata=metadata)
+
+
+class ScaledVAEMixin:
+    """decode / encode through an image VAE whose latents are normalised as (z - shift_factor) *
+    scaling_factor (SD3, FLUX.1, Z-Image: the pipelines' convention). Needs `self.vae`."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] latents -> images float32 in [0, 1], [B, 3, H, W]."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Images in [0, 1], [B, 3, H, W] -> normalised latents (posterior mode unless `sample`)."""
+        cfg = self.vae.config
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor

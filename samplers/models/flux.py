@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .common import BatchedCond
+from .common import BatchedCond, ScaledVAEMixin
 from .image_cond import ImageConditioning
 from .pipeline_adapter import PipelineAdapter, as_prompt_list, negatives_for
 
@@ -95,7 +95,7 @@ class FluxCond(BatchedCond):
     image_latents: torch.Tensor | None = None
 
 
-class FluxAdapter(PipelineAdapter):
+class FluxAdapter(ScaledVAEMixin, PipelineAdapter):
     """FLUX.1-dev / schnell: `FluxTransformer2DModel` + `AutoencoderKL` + CLIP + T5."""
 
     family = "flux"
@@ -210,21 +210,6 @@ class FluxAdapter(PipelineAdapter):
                                           img_ids)[:, :n]
             v = v_neg + true_cfg * (v - v_neg)
         return unpack_latents(v, h, w)
-
-    # ------------------------------------------------------------------ pixels <-> latents
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latents -> images float32 in [0, 1], [B, 3, H, W]."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Images in [0, 1], [B, 3, H, W] -> normalised latents (posterior mode unless `sample`)."""
-        cfg = self.vae.config
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
 
 class FluxKontextAdapter(ImageConditioning, FluxAdapter):

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .common import LoraAdapterMixin
+from .common import LoraAdapterMixin, ScaledVAEMixin
 
 ADAPTER_SETTINGS_FILE = "genalign.json"  # optional per-checkpoint adapter settings
 
@@ -76,7 +76,7 @@ class SD3Cond:
             for f in fields(first) if f.init})
 
 
-class SD3Adapter(LoraAdapterMixin, torch.nn.Module):
+class SD3Adapter(ScaledVAEMixin, LoraAdapterMixin, torch.nn.Module):
     """SD3-family flow model: `SD3Transformer2DModel` + `AutoencoderKL` + CLIP (+ optional T5).
 
     Args:
@@ -209,21 +209,6 @@ class SD3Adapter(LoraAdapterMixin, torch.nn.Module):
         if detach_uncond:
             v_uncond = v_uncond.detach()
         return v_uncond + guidance * (v_cond - v_uncond)
-
-    # ------------------------------------------------------------------ pixels <-> latents
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latents -> images float32 in [0, 1], [B, 3, H, W]."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Images in [0, 1], [B, 3, H, W] -> normalised latents (posterior mode unless `sample`)."""
-        cfg = self.vae.config
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return ((z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
 
     # ------------------------------------------------------------------ loading
     @classmethod

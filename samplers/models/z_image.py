@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .common import BatchedCond
+from .common import BatchedCond, ScaledVAEMixin
 from .pipeline_adapter import PipelineAdapter, as_prompt_list, negatives_for
 
 
@@ -50,7 +50,7 @@ def _valid(embeds: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
     return [e[:n] for e, n in zip(embeds, lengths.tolist())]
 
 
-class ZImageAdapter(PipelineAdapter):
+class ZImageAdapter(ScaledVAEMixin, PipelineAdapter):
     """Z-Image (base / Turbo): `ZImageTransformer2DModel` + `AutoencoderKL` + a Qwen3 encoder."""
 
     family = "z_image"
@@ -155,18 +155,3 @@ class ZImageAdapter(PipelineAdapter):
             factor = torch.where(pred_norm > pos_norm, pos_norm / pred_norm, torch.ones_like(pred_norm))
             pred = pred * factor.view(-1, 1, 1, 1)
         return -pred
-
-    # ------------------------------------------------------------------ pixels <-> latents
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latents -> images float32 in [0, 1], [B, 3, H, W]."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Images in [0, 1], [B, 3, H, W] -> normalised latents (posterior mode unless `sample`)."""
-        cfg = self.vae.config
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
