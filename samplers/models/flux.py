@@ -117,20 +117,13 @@ class FluxAdapter(ScaledVAEMixin, PipelineAdapter):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def image_size(self) -> int:
-        return int(self.defaults["resolution"])
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, H/f, W/f) unpacked latents of a `height` x `width` image (2x2 packing needs even sides)."""
-        height = height or self.image_size
-        width = width or height
         f = self.vae_scale_factor * 2
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be divisible by {f} for this model")
+        height, width = self.image_hw(height, width, f)
         return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def _schedule_inputs(self, num_steps: int, height, width, **kwargs):

@@ -96,17 +96,10 @@ class Flux2KleinAdapter(PipelineAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.defaults["resolution"])
-
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(4C, H/2f, W/2f): the patchified latents of a `height` x `width` image."""
-        height = height or self.image_size
-        width = width or height
         f = self.vae_scale_factor * 2
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be divisible by {f} for this model")
+        height, width = self.image_hw(height, width, f)
         return (self.transformer.config.in_channels, height // f, width // f)
 
     def _schedule_inputs(self, num_steps: int, height, width, **kwargs):

@@ -91,6 +91,19 @@ class PipelineAdapter(LoraAdapterMixin, torch.nn.Module):
         return pipe
 
     @property
+    def image_size(self) -> int:
+        """The default image side in px (defaults["resolution"])."""
+        return int(self.defaults["resolution"])
+
+    def image_hw(self, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
+        """(height, width) of a request (default: the square default size), checked to divide by `multiple`."""
+        height = height or self.image_size
+        width = width or height
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size {height}x{width} must be divisible by {multiple} for this model")
+        return height, width
+
+    @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 

@@ -84,17 +84,10 @@ class QwenImageAdapter(PipelineAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.defaults["resolution"])
-
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, H/f, W/f) unpacked latents of a `height` x `width` image."""
-        height = height or self.image_size
-        width = width or height
         f = self.vae_scale_factor * 2
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be divisible by {f} for this model")
+        height, width = self.image_hw(height, width, f)
         return (self.transformer.config.in_channels // 4, height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 

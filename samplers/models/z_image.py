@@ -70,16 +70,9 @@ class ZImageAdapter(ScaledVAEMixin, PipelineAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.defaults["resolution"])
-
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-        height = height or self.image_size
-        width = width or height
         f = self.vae_scale_factor * 2
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be divisible by {f} for this model")
+        height, width = self.image_hw(height, width, f)
         return (self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def _schedule_inputs(self, num_steps: int, height, width, **kwargs):
