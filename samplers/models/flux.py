@@ -113,10 +113,6 @@ class FluxAdapter(ScaledVAEMixin, PipelineAdapter):
 
     # ------------------------------------------------------------------ shapes
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 

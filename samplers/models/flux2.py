@@ -92,10 +92,6 @@ class Flux2KleinAdapter(PipelineAdapter):
         return pipe
 
     # ------------------------------------------------------------------ shapes
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(4C, H/2f, W/2f): the patchified latents of a `height` x `width` image."""
         f = self.vae_scale_factor * 2

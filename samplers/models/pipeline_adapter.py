@@ -91,6 +91,11 @@ class PipelineAdapter(LoraAdapterMixin, torch.nn.Module):
         return pipe
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell of an image VAE with one downsampling per block but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def image_size(self) -> int:
         """The default image side in px (defaults["resolution"])."""
         return int(self.defaults["resolution"])

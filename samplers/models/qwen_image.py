@@ -40,6 +40,7 @@ from .common import BatchedCond
 from .flux import pack_latents, pipeline_timestep, unpack_latents
 from .image_cond import ImageConditioning, resize_images
 from .pipeline_adapter import PipelineAdapter, as_prompt_list, negatives_for
+from .wan import wan_vae_stats
 
 
 @dataclass
@@ -161,17 +162,10 @@ class QwenImageAdapter(PipelineAdapter):
         return unpack_latents(v, h, w)
 
     # ------------------------------------------------------------------ pixels <-> latents
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, inv_std
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] latents -> images float32 in [0, 1], [B, 3, H, W]."""
         z = latents[:, :, None].to(self.vae.dtype)
-        mean, inv_std = self._stats(z)
+        mean, inv_std = wan_vae_stats(self.vae, z)
         images = self.vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -184,7 +178,7 @@ class QwenImageAdapter(PipelineAdapter):
         """Pixels in [-1, 1], [B, 3, H, W] -> normalised latents [B, C, h, w]."""
         dist = self.vae.encode(pixels[:, :, None].to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
-        mean, inv_std = self._stats(z)
+        mean, inv_std = wan_vae_stats(self.vae, z)
         std = torch.tensor(self.vae.config.latents_std).view(inv_std.shape).to(z.device, z.dtype)
         return ((z - mean) / std).float()[:, :, 0]
 

@@ -99,6 +99,16 @@ def _is_wan_vae(vae) -> bool:
     return "z_dim" in vae.config  # AutoencoderKLWan; an image AutoencoderKL has latent_channels
 
 
+
+def wan_vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) [1, z_dim, 1, 1, 1] of a Wan-family VAE's latents (Wan, Qwen-Image), on like's
+    device and dtype: normalised latents are (z - mean) / std."""
+    cfg = vae.config
+    shape = (1, cfg.z_dim, 1, 1, 1)
+    mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
+    inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, inv_std
+
 class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
     """Wan-family flow model: `WanTransformer3DModel` + a video or per-frame VAE + a text encoder.
 
@@ -325,7 +335,7 @@ class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
         tf = self.vae.config.scale_factor_temporal
         video = torch.cat([images[:, :, None] * 2 - 1, images.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
         z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float()
-        mean, inv_std = self._wan_stats(z)
+        mean, inv_std = wan_vae_stats(self.vae, z)
         z = (z - mean) * inv_std
         lh, lw = z.shape[-2:]
         mask = torch.zeros(b, 1, num_frames, lh, lw, device=z.device)
@@ -390,18 +400,11 @@ class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
         return v_uncond + guidance * (v_cond - v_uncond)
 
     # ------------------------------------------------------------------ pixels <-> latents
-    def _wan_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, inv_std
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, T', h, w] latents -> videos float32 in [0, 1], [B, 3, T, H, W]."""
         z = latents.to(self.vae.dtype)
         if _is_wan_vae(self.vae):
-            mean, inv_std = self._wan_stats(z)
+            mean, inv_std = wan_vae_stats(self.vae, z)
             videos = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
         else:
             b, c, t, h, w = z.shape
@@ -417,7 +420,7 @@ class WanAdapter(ImageConditioning, LoraAdapterMixin, torch.nn.Module):
         if _is_wan_vae(self.vae):
             dist = self.vae.encode(x).latent_dist
             z = dist.sample(generator) if sample else dist.mode()
-            mean, inv_std = self._wan_stats(z)
+            mean, inv_std = wan_vae_stats(self.vae, z)
             return ((z - mean) * inv_std).float()
         b, _, t, h, w = x.shape
         cfg = self.vae.config

@@ -66,10 +66,6 @@ class ZImageAdapter(ScaledVAEMixin, PipelineAdapter):
         super().__init__(components, defaults, max_sequence_length=max_sequence_length)
 
     # ------------------------------------------------------------------ shapes
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2
         height, width = self.image_hw(height, width, f)
